@@ -1,0 +1,114 @@
+"""How prefixes enter the frozen model: as past key/values in a transformers cache.
+
+One rule, used by training, scoring and generation alike, so that they agree:
+- every row's prefix occupies the *last* P_i of P_max cache slots (left padding of the prefix);
+- the attention mask is `[prefix slots | token slots]`, 0 for empty prefix slots and pad tokens;
+- position ids are `cumsum(mask) - 1` over that whole mask, so a row's first real token sits at
+  position P_i, exactly as it does when the row runs alone (and as in PEFT).
+
+Two cache flavours:
+- `FrozenPrefixCache` (training and scoring): `update` returns `cat(prefix, new)` and stores
+  nothing, so a gradient-checkpointing recompute sees the same keys as the first pass. PEFT's
+  prefix tuning breaks with gradient checkpointing precisely because its cache grows on recompute.
+- `prefix_generation_cache` (generation): a plain `DynamicCache` pre-filled with the prefixes,
+  which then grows by one token per step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer (keys, values), [heads, P, head_dim]
+
+
+@dataclass(frozen=True)
+class ModelGeometry:
+    """What a prefix must match: layers, key/value heads and head size of the base."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    max_positions: int
+
+    @classmethod
+    def of(cls, config) -> "ModelGeometry":
+        cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+        layers = getattr(cfg, "num_hidden_layers", None) or cfg.n_layer
+        heads = getattr(cfg, "num_attention_heads", None) or cfg.n_head
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+        hidden = getattr(cfg, "hidden_size", None) or cfg.n_embd
+        head_dim = getattr(cfg, "head_dim", None) or hidden // heads
+        max_pos = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", 1024)
+        return cls(int(layers), int(kv_heads), int(head_dim), int(hidden), int(max_pos))
+
+
+class _FrozenPrefixLayer(DynamicLayer):
+    """A cache layer that prepends a fixed prefix and never grows."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+        super().__init__()
+        self.keys, self.values = keys, values
+        self.device = keys.device
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
+
+
+class FrozenPrefixCache(DynamicCache):
+    def __init__(self, batch_kv: KV):
+        super().__init__()
+        self.layers = [_FrozenPrefixLayer(k, v) for k, v in batch_kv]
+
+
+def batch_prefixes(
+    prefixes: list[KV | None], geometry: ModelGeometry, dtype: torch.dtype, device
+) -> tuple[KV, torch.Tensor]:
+    """Stack per-row prefixes (or None) into per-layer `[B, heads, P_max, hd]` tensors.
+
+    Returns the batched key/values and the `[B, P_max]` prefix mask (1 where a row has a slot).
+    Each row's prefix is right-aligned, so its last slot sits next to its first token.
+    """
+    lengths = [0 if p is None else p[0][0].shape[1] for p in prefixes]
+    B, P_max = len(prefixes), max(lengths) if lengths else 0
+    mask = torch.zeros(B, P_max, dtype=torch.long, device=device)
+    out: KV = []
+    shape = (B, geometry.num_kv_heads, P_max, geometry.head_dim)
+    same = P_max > 0 and all(p is prefixes[0] for p in prefixes)
+    for layer in range(geometry.num_layers):
+        if same:  # one shared prefix: expand, no copy, and gradients flow
+            k, v = prefixes[0][layer]
+            out.append((k.to(dtype).unsqueeze(0).expand(shape), v.to(dtype).unsqueeze(0).expand(shape)))
+            continue
+        ks = torch.zeros(shape, dtype=dtype, device=device)
+        vs = torch.zeros(shape, dtype=dtype, device=device)
+        for row, p in enumerate(prefixes):
+            if p is None:
+                continue
+            k, v = p[layer]
+            ks[row, :, P_max - k.shape[1] :] = k.to(dtype)
+            vs[row, :, P_max - v.shape[1] :] = v.to(dtype)
+        out.append((ks, vs))
+    for row, n in enumerate(lengths):
+        if n:
+            mask[row, P_max - n :] = 1
+    return out, mask
+
+
+def positions_from_mask(full_mask: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """Position ids of the last `num_tokens` slots: count of real slots before each, pads at 0."""
+    pos = full_mask.long().cumsum(-1) - 1
+    pos = pos.clamp(min=0)
+    return pos[:, -num_tokens:]
+
+
+def prefix_generation_cache(batch_kv: KV) -> DynamicCache:
+    cache = DynamicCache()
+    for i, (k, v) in enumerate(batch_kv):
+        cache.update(k.contiguous(), v.contiguous(), i)
+    return cache
