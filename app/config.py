@@ -1,0 +1,84 @@
+"""One Settings object, read from the environment by the API and the workers alike.
+
+Embedded defaults put everything under DATA_DIR: SQLite metadata, a no-server Celery broker
+(kombu's sqla+sqlite transport), local blobs and the default base. Setting DATABASE_URL,
+REDIS_URL or S3_BUCKET switches the same code to distributed mode.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=None, extra="ignore")
+
+    data_dir: Path = Path("./var")
+    database_url: str | None = None  # default: sqlite under data_dir
+    redis_url: str | None = None  # default: sqla+sqlite broker under data_dir
+    # S3-compatible blob storage; unset bucket means a local directory under data_dir
+    s3_bucket: str | None = None
+    s3_endpoint_url: str | None = None
+    s3_prefix: str = ""
+    s3_region: str = "us-east-1"
+    aws_access_key_id: str | None = None
+    aws_secret_access_key: str | None = None
+
+    base_model: Path | None = None  # a local HF causal-LM dir; default: data_dir/models/default
+    admin_api_key: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    torch_threads: int = 1  # per process: the API and the worker share the cores
+
+    # serving
+    adapter_cache_size: int = 64
+    batch_window_ms: int = 10
+    max_batch_size: int = 32
+    max_queued_requests: int = 256
+
+    # input limits (every limit is a setting, documented in the README)
+    max_upload_bytes: int = 64 * 1024 * 1024
+    max_jsonl_line_bytes: int = 64 * 1024
+    max_prompt_tokens: int = 2048
+    max_completion_tokens: int = 1024
+    max_n: int = 8
+    max_stop_strings: int = 4
+    max_num_virtual_tokens: int = 512
+    max_n_epochs: int = 100
+    max_zip_bytes: int = 64 * 1024 * 1024
+    max_zip_entries: int = 8
+    max_zip_ratio: float = 100.0
+
+    # workers
+    job_heartbeat_s: float = 10.0
+    job_stale_after_s: float = 60.0
+    celery_queue: str = "gpu"
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'prefixd.db').resolve()}"
+
+    @property
+    def broker_url(self) -> str:
+        return self.redis_url or f"sqla+sqlite:///{(self.data_dir / 'broker.db').resolve()}"
+
+    @property
+    def blob_dir(self) -> Path:
+        return self.data_dir / "blobs"
+
+    @property
+    def resolved_base_model(self) -> Path:
+        return self.base_model or self.data_dir / "models" / "default"
+
+    @property
+    def embedded(self) -> bool:
+        return self.database_url is None and self.redis_url is None and self.s3_bucket is None
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
