@@ -1,0 +1,410 @@
+"""The serving engine: one frozen base, an adapter LRU cache, and one scheduler thread that runs
+mixed-prefix batches.
+
+Flow of a request:
+1. The API resolves the model id for the tenant (SQL), then asks `prefix_for(model_id, ...)` for
+   the adapter's key/values (LRU cache; loads the blob on a miss; checks the fingerprint).
+2. `submit_generation(...)` puts one `WorkItem` per choice into the fair scheduler and returns a
+   `RequestHandle` bound to the caller's asyncio loop.
+3. The scheduler thread takes a batch (round-robin over tenants, after the gathering window),
+   calls `generate(base, requests, on_token, should_abort)` once for the whole batch, whatever
+   mix of adapters it holds, and bridges tokens and results back with `loop.call_soon_threadsafe`.
+4. The API reads `handle.events()` (streaming) or `await handle.results()`; if the client goes
+   away it calls `handle.cancel()`, and `should_abort` drops the row at the next decoding step.
+
+Only the scheduler thread runs the model, so torch never runs two forwards at once in this process.
+Switching the served base loads the new one in the caller's thread, then swaps it in between
+batches; a queued row that was admitted for the old base fails with `BaseChangedError` (409).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from app.serving import metrics
+from app.serving.adapter_cache import AdapterCache
+from app.serving.scheduler import FairScheduler, QueueFullError, SchedulerClosedError, WorkItem
+
+log = logging.getLogger("prefixd.serving")
+
+__all__ = [
+    "ServingEngine", "RequestHandle", "ServedBase", "BaseChangedError", "EngineNotReadyError",
+    "QueueFullError", "SchedulerClosedError",
+]
+
+
+class BaseChangedError(Exception):
+    """The served base changed between admission and execution of a request."""
+
+
+class EngineNotReadyError(Exception):
+    """No base is loaded yet."""
+
+
+@dataclass
+class ServedBase:
+    id: str
+    base: Any  # app.ml.base.Base
+    fingerprint: str
+    path: str | None = None
+
+
+@dataclass
+class CachedPrefix:
+    fingerprint: str
+    key_values: Any  # KV in the served base's dtype/device
+    num_virtual_tokens: int
+    adapter: Any = None
+
+
+@dataclass
+class _Generate:
+    request: Any  # app.ml.generate.GenerationRequest
+    fingerprint: str
+
+
+@dataclass
+class _Call:
+    fn: Callable[[Any], Any]  # fn(base) -> result, run on the scheduler thread
+    fingerprint: str
+
+
+class RequestHandle:
+    """The asyncio side of one request: events arrive from the scheduler thread."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, n: int, stream: bool):
+        self.loop = loop
+        self.n = n
+        self.stream = stream
+        self.items: list[WorkItem] = []
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self.created = time.monotonic()
+
+    # scheduler-thread side
+    def emit(self, event: tuple) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self._queue.put_nowait, event)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            pass
+
+    # asyncio side
+    def cancel(self) -> None:
+        for item in self.items:
+            item.cancel()
+
+    @property
+    def cancelled(self) -> bool:
+        return bool(self.items) and all(item.cancelled for item in self.items)
+
+    async def next_event(self, timeout: float | None = None) -> tuple:
+        if timeout is None:
+            return await self._queue.get()
+        return await asyncio.wait_for(self._queue.get(), timeout)
+
+    async def events(self):
+        """Yield ("token", index, token_id, text), ("done", index, result), ("error", index, exc)
+        until every row has finished."""
+        remaining = self.n
+        while remaining:
+            event = await self._queue.get()
+            if event[0] in ("done", "error"):
+                remaining -= 1
+            yield event
+
+    async def results(self) -> list:
+        """The results in choice order; raises the first row error."""
+        out: list = [None] * self.n
+        async for event in self.events():
+            if event[0] == "error":
+                self.cancel()
+                raise event[2]
+            if event[0] == "done":
+                out[event[1]] = event[2]
+        return out
+
+
+class ServingEngine:
+    def __init__(
+        self,
+        settings,
+        *,
+        generate_fn: Callable | None = None,
+        adapter_loader: Callable[[str], Any] | None = None,
+        check_compatible: Callable[[Any, Any], None] | None = None,
+        base_loader: Callable[[str], Any] | None = None,
+    ):
+        """`generate_fn(base, requests, on_token=, should_abort=)` defaults to app.ml.generate.generate;
+        `adapter_loader(blob_key) -> Adapter` reads an adapter from storage (set by lifecycle);
+        `base_loader(path) -> Base` defaults to app.ml.base.load_base."""
+        self.settings = settings
+        self.max_batch_size = settings.max_batch_size
+        self.window_s = settings.batch_window_ms / 1000.0
+        self.scheduler = FairScheduler(settings.max_queued_requests)
+        self.cache: AdapterCache[CachedPrefix] = AdapterCache(
+            settings.adapter_cache_size, on_hit=metrics.CACHE_HITS.inc, on_miss=metrics.CACHE_MISSES.inc
+        )
+        self._generate_fn = generate_fn
+        self._adapter_loader = adapter_loader
+        self._check_compatible = check_compatible
+        self._base_loader = base_loader
+        self._served: ServedBase | None = None
+        self._switch_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._loader_thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self.loading = False
+        self.error: str | None = None
+        self.batches_run = 0
+        self.last_batch: list[WorkItem] = []  # for tests and introspection
+
+    # -- state -------------------------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        return self._served is not None
+
+    @property
+    def base_id(self) -> str | None:
+        return self._served.id if self._served else None
+
+    @property
+    def served(self) -> ServedBase | None:
+        return self._served
+
+    def require_served(self) -> ServedBase:
+        served = self._served
+        if served is None:
+            raise EngineNotReadyError(self.error or "the base model is still loading")
+        return served
+
+    def status(self) -> dict:
+        served = self._served
+        return {
+            "ready": served is not None,
+            "loading": self.loading,
+            "model": served.id if served else None,
+            "fingerprint": served.fingerprint if served else None,
+            "error": self.error,
+            "queued": len(self.scheduler),
+            "adapter_cache": {"size": len(self.cache), "capacity": self.cache.capacity,
+                              "hits": self.cache.hits, "misses": self.cache.misses},
+        }
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self, load: Callable[[], tuple[str, Any]] | None = None) -> None:
+        """Start the scheduler thread and, if given, load the base in a background thread:
+        `load()` returns (base_id, Base)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="prefixd-scheduler", daemon=True)
+            self._thread.start()
+        if load is not None:
+            self.loading = True
+
+            def run():
+                try:
+                    base_id, base = load()
+                    self.set_base(base_id, base)
+                except Exception as exc:  # noqa: BLE001 - reported through /readyz and logs
+                    log.exception("loading the served base failed")
+                    self.error = f"loading the base failed: {exc}"
+                finally:
+                    self.loading = False
+
+            self._loader_thread = threading.Thread(target=run, name="prefixd-base-loader", daemon=True)
+            self._loader_thread.start()
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        if self._loader_thread is not None:
+            self._loader_thread.join(timeout)
+        return self.ready
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        for item in self.scheduler.close():
+            item.handle.emit(("error", item.index, SchedulerClosedError("the server is shutting down")))
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def set_base(self, base_id: str, base: Any, path: str | None = None) -> None:
+        """Serve `base` (an app.ml.base.Base) from the next batch on."""
+        fingerprint = str(getattr(base, "fingerprint", "") or "")
+        with self._switch_lock:
+            self._served = ServedBase(base_id, base, fingerprint, path or getattr(base, "path", None))
+            self.cache.clear()
+            self.error = None
+        metrics.BASE_LOADED.set(1)
+        log.info("serving base %s (fingerprint %s)", base_id, fingerprint[:16])
+
+    def switch_base(self, base_id: str, path: str) -> ServedBase:
+        """Load the base at `path` (blocking, in the caller's thread) and serve it."""
+        loader = self._base_loader
+        if loader is None:
+            from app.ml.base import load_base
+
+            loader = load_base
+        served = self._served
+        if served is not None and served.id == base_id and served.path and str(served.path) == str(path):
+            return served
+        base = loader(str(path))
+        self.set_base(base_id, base, str(path))
+        return self._served
+
+    # -- adapters ----------------------------------------------------------------------------
+    def prefix_for(self, model_id: str, blob_key: str) -> CachedPrefix:
+        """The served base's key/values for an adapter; loads it on a cache miss.
+
+        Raises app.ml.adapter.AdapterMismatchError if it was trained for another base."""
+        served = self.require_served()
+
+        def load(_key: str) -> CachedPrefix:
+            if self._adapter_loader is None:
+                raise RuntimeError("no adapter loader configured")
+            adapter = self._adapter_loader(blob_key)
+            self._compatible(adapter, served.base)
+            model = served.base.model
+            kv = adapter.key_values(dtype=getattr(model, "dtype", None), device=getattr(served.base, "device", "cpu"))
+            return CachedPrefix(served.fingerprint, kv, int(adapter.num_virtual_tokens), adapter)
+
+        entry = self.cache.get(model_id, load)
+        if entry.fingerprint != served.fingerprint:  # loaded for a base that is no longer served
+            self.cache.evict(model_id)
+            entry = self.cache.get(model_id, load)
+        return entry
+
+    def _compatible(self, adapter, base) -> None:
+        check = self._check_compatible
+        if check is None:
+            from app.ml.adapter import check_compatible as check
+        check(adapter, base)
+
+    def evict(self, model_id: str) -> bool:
+        return self.cache.evict(model_id)
+
+    # -- submission (called from the event loop) ---------------------------------------------
+    def submit_generation(
+        self, tenant_id: str, requests: list, *, fingerprint: str | None = None, stream: bool = False
+    ) -> RequestHandle:
+        """Queue one row per GenerationRequest (the choices of one API request).
+
+        Raises QueueFullError when the queue is at its bound, EngineNotReadyError before load."""
+        served = self.require_served()
+        fp = served.fingerprint if fingerprint is None else fingerprint
+        handle = RequestHandle(asyncio.get_running_loop(), len(requests), stream)
+        handle.items = [
+            WorkItem(tenant_id, _Generate(req, fp), kind="generate", handle=handle, index=i)
+            for i, req in enumerate(requests)
+        ]
+        self._submit(handle.items)
+        return handle
+
+    async def run_call(self, tenant_id: str, fn: Callable[[Any], Any], *, fingerprint: str | None = None):
+        """Run `fn(base)` on the scheduler thread, in fair turn with generation (e.g. scoring)."""
+        served = self.require_served()
+        fp = served.fingerprint if fingerprint is None else fingerprint
+        handle = RequestHandle(asyncio.get_running_loop(), 1, False)
+        handle.items = [WorkItem(tenant_id, _Call(fn, fp), kind="call", handle=handle)]
+        self._submit(handle.items)
+        try:
+            return (await handle.results())[0]
+        except asyncio.CancelledError:
+            handle.cancel()
+            raise
+
+    def _submit(self, items: list[WorkItem]) -> None:
+        try:
+            self.scheduler.submit(items)
+        except QueueFullError:
+            metrics.REJECTED.inc()
+            raise
+        metrics.QUEUE_DEPTH.set(len(self.scheduler))
+
+    def cancel_tenant(self, tenant_id: str) -> int:
+        """Cancel every queued and running row of a tenant (suspension, key revocation)."""
+        n = 0
+        for item in list(self.last_batch):
+            if item.tenant_id == tenant_id:
+                item.cancel()
+                n += 1
+        with self.scheduler._cond:  # noqa: SLF001 - same package
+            for item in self.scheduler._queues.get(tenant_id, ()):  # noqa: SLF001
+                item.cancel()
+                n += 1
+        return n
+
+    # -- the scheduler thread ----------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            batch = self.scheduler.next_batch(self.max_batch_size, self.window_s, timeout=0.5)
+            metrics.QUEUE_DEPTH.set(len(self.scheduler))
+            if not batch:
+                continue
+            try:
+                self._run_batch(batch)
+            except Exception as exc:  # noqa: BLE001 - a batch failure must not kill the thread
+                log.exception("batch failed")
+                for item in batch:
+                    item.handle.emit(("error", item.index, exc))
+
+    def _run_batch(self, batch: list[WorkItem]) -> None:
+        served = self._served
+        runnable: list[WorkItem] = []
+        for item in batch:
+            if served is None:
+                item.handle.emit(("error", item.index, EngineNotReadyError("no base model is loaded")))
+            elif item.payload.fingerprint != served.fingerprint:
+                item.handle.emit(("error", item.index, BaseChangedError(
+                    f"the served base changed to '{served.id}' while the request was queued")))
+            else:
+                runnable.append(item)
+        self.last_batch = runnable
+        self.batches_run += 1
+        gens = [item for item in runnable if item.kind == "generate"]
+        calls = [item for item in runnable if item.kind == "call"]
+        if gens:
+            self._run_generation(served, gens)
+        for item in calls:
+            if item.cancelled:
+                item.handle.emit(("error", item.index, asyncio.CancelledError()))
+                continue
+            try:
+                item.handle.emit(("done", item.index, item.payload.fn(served.base)))
+            except Exception as exc:  # noqa: BLE001
+                item.handle.emit(("error", item.index, exc))
+        self.last_batch = []
+
+    def _run_generation(self, served: ServedBase, gens: list[WorkItem]) -> None:
+        generate = self._generate_fn
+        if generate is None:
+            from app.ml.generate import generate
+        requests = [item.payload.request for item in gens]
+        metrics.BATCH_SIZE.observe(len(gens))
+        metrics.BATCH_ADAPTERS.observe(len({id(getattr(r, "prefix", None)) for r in requests}))
+        stop = self._stop
+
+        def on_token(row: int, token_id: int, text: str) -> None:
+            item = gens[row]
+            if item.handle.stream and not item.cancelled:
+                item.handle.emit(("token", item.index, token_id, text))
+
+        def should_abort(row: int | None = None) -> bool:
+            if stop.is_set():
+                return True
+            if row is None:
+                return all(item.cancelled for item in gens)
+            return gens[row].cancelled
+
+        t0 = time.perf_counter()
+        results = generate(served.base, requests, on_token=on_token, should_abort=should_abort)
+        elapsed = time.perf_counter() - t0
+        tokens = sum(int(getattr(r, "completion_tokens", 0) or 0) for r in results)
+        metrics.GENERATED_TOKENS.inc(tokens)
+        if elapsed > 0:
+            metrics.TOKENS_PER_S.set(tokens / elapsed)
+        for item, result in zip(gens, results):
+            item.handle.emit(("done", item.index, result))

@@ -1,0 +1,152 @@
+"""A fair, bounded request queue that hands out batches (pure logic: no torch, no asyncio).
+
+Every queued unit is a `WorkItem` (one generated row, or one scoring call). Items wait in
+per-tenant FIFO queues; `take(max_size)` builds a batch round-robin across tenants, one item per
+tenant per round, and the rotation carries over from batch to batch. So however many requests
+tenant A has queued, tenant B's request is in the very next batch (or, with a batch size of 1,
+the one after A's current turn): nobody waits behind another tenant's backlog.
+
+`next_batch` adds the gathering window: it blocks until something is queued, then waits until
+`max_size` items are queued or the oldest queued item has waited `window_s`, whichever comes
+first. Items that piled up while the previous batch ran are taken at once, without extra wait.
+
+The queue is bounded by `max_queued` items: `submit` raises `QueueFullError` (the API answers 429
+with `Retry-After`) rather than letting memory grow without limit. A request's rows are admitted
+all together or not at all.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class QueueFullError(Exception):
+    def __init__(self, queued: int, limit: int, retry_after_s: int = 1):
+        super().__init__(f"the server is at capacity: {queued} requests queued (limit {limit}); retry later")
+        self.queued, self.limit, self.retry_after_s = queued, limit, retry_after_s
+
+
+class SchedulerClosedError(Exception):
+    pass
+
+
+@dataclass(eq=False)
+class WorkItem:
+    """One unit of work. `payload` is whatever the engine runs; `cancelled` is polled by it."""
+
+    tenant_id: str
+    payload: Any = None
+    kind: str = "generate"  # generate | call
+    handle: Any = None  # the request this row belongs to (engine-defined)
+    index: int = 0  # choice index within the request
+    enqueued_at: float = field(default_factory=time.monotonic)
+    cancel_event: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def cancelled(self) -> bool:
+        return self.cancel_event.is_set()
+
+    def cancel(self) -> None:
+        self.cancel_event.set()
+
+
+class FairScheduler:
+    def __init__(self, max_queued: int):
+        self.max_queued = max_queued
+        self._queues: dict[str, deque[WorkItem]] = {}
+        self._active: deque[str] = deque()  # tenants with queued items, in round-robin order
+        self._size = 0
+        self._cond = threading.Condition()
+        self._closed = False
+
+    # -- producers ---------------------------------------------------------------------------
+    def submit(self, items: list[WorkItem]) -> None:
+        """Queue all of `items` or none of them."""
+        with self._cond:
+            if self._closed:
+                raise SchedulerClosedError("the serving engine is shutting down")
+            if self._size + len(items) > self.max_queued:
+                raise QueueFullError(self._size, self.max_queued)
+            for item in items:
+                q = self._queues.get(item.tenant_id)
+                if q is None:
+                    q = self._queues[item.tenant_id] = deque()
+                    self._active.append(item.tenant_id)
+                q.append(item)
+            self._size += len(items)
+            self._cond.notify_all()
+
+    # -- the consumer ------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return self._size
+
+    def depth_by_tenant(self) -> dict[str, int]:
+        with self._cond:
+            return {t: len(q) for t, q in self._queues.items()}
+
+    def take(self, max_size: int) -> list[WorkItem]:
+        """Up to `max_size` items, round-robin over tenants. Cancelled items are dropped."""
+        with self._cond:
+            return self._take_locked(max_size)
+
+    def _take_locked(self, max_size: int) -> list[WorkItem]:
+        batch: list[WorkItem] = []
+        while len(batch) < max_size and self._active:
+            tenant = self._active.popleft()
+            q = self._queues[tenant]
+            item = q.popleft()
+            self._size -= 1
+            if q:
+                self._active.append(tenant)
+            else:
+                del self._queues[tenant]
+            if item.cancelled:
+                continue
+            batch.append(item)
+        return batch
+
+    def _oldest_locked(self) -> float | None:
+        heads = [q[0].enqueued_at for q in self._queues.values() if q]
+        return min(heads) if heads else None
+
+    def next_batch(self, max_size: int, window_s: float, timeout: float | None = None) -> list[WorkItem]:
+        """Block for the next batch (empty on timeout or close)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while True:
+                if self._closed:
+                    return []
+                if self._size == 0:
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        return []
+                    self._cond.wait(remaining)
+                    continue
+                oldest = self._oldest_locked()
+                gather_until = (oldest or time.monotonic()) + window_s
+                wait = gather_until - time.monotonic()
+                if self._size >= max_size or wait <= 0:
+                    batch = self._take_locked(max_size)
+                    if batch:
+                        return batch
+                    continue  # everything queued had been cancelled
+                self._cond.wait(wait)
+
+    def drain(self) -> list[WorkItem]:
+        with self._cond:
+            out = [item for q in self._queues.values() for item in q]
+            self._queues.clear()
+            self._active.clear()
+            self._size = 0
+            return out
+
+    def close(self) -> list[WorkItem]:
+        """Refuse new work, wake the consumer, and hand back what was still queued."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        return self.drain()
