@@ -1,0 +1,259 @@
+"""Mixed-prefix generation: every row equals itself alone and equals a from-scratch greedy loop."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from app.ml.generate import (
+    GenerationRequest,
+    IncrementalDetokenizer,
+    classify,
+    generate,
+    max_context,
+    partial_stop_len,
+    score,
+)
+from app.ml.kvcache import FrozenPrefixCache, ModelGeometry, positions_from_mask
+from app.ml.prefix import PrefixConfig, PrefixEncoder
+
+PROMPTS = [
+    [5, 6, 7, 8, 9, 10, 11],
+    [40, 41],
+    [100, 3, 77, 9],
+    [12],
+]
+
+
+def _load(path):
+    try:  # the real loader, once app/ml/base.py exists
+        from app.ml.base import load_base
+
+        return load_base(path)
+    except ImportError:
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True).eval()
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        return SimpleNamespace(
+            model=model, tokenizer=tok, geometry=ModelGeometry.of(model.config), device=torch.device("cpu"),
+            fingerprint="test", path=path,
+        )
+
+
+@pytest.fixture(scope="module")
+def bases(tiny_base_dirs):
+    return {arch: _load(path) for arch, path in tiny_base_dirs.items()}
+
+
+def _prefix(base, P, seed, scale=8.0):
+    """A random prefix, scaled up so that it visibly changes a tiny random model's output."""
+    g = base.geometry
+    torch.manual_seed(seed)
+    enc = PrefixEncoder(PrefixConfig(g.num_layers, g.num_kv_heads, g.head_dim, num_virtual_tokens=P))
+    with torch.no_grad():
+        enc.set_table(enc.table * scale)
+    return [(k.detach(), v.detach()) for k, v in enc.key_values()]
+
+
+def _reference_greedy(base, prompt, prefix, max_tokens):
+    """Recompute everything each step: full forward over prompt + generated, no growing cache."""
+    model, eos = base.model, base.tokenizer.eos_token_id
+    ids = list(prompt)
+    P = 0 if prefix is None else prefix[0][0].shape[1]
+    out = []
+    with torch.no_grad():
+        for _ in range(max_tokens):
+            L = len(ids)
+            mask = torch.ones(1, P + L, dtype=torch.long)
+            cache = FrozenPrefixCache([(k[None], v[None]) for k, v in prefix]) if prefix is not None else None
+            logits = model(
+                input_ids=torch.tensor([ids]), attention_mask=mask, position_ids=positions_from_mask(mask, L),
+                cache=cache, use_cache=False,
+            ).logits
+            t = int(logits[0, -1].argmax())
+            out.append(t)
+            ids.append(t)
+            if t == eos:
+                break
+    return out
+
+
+def _requests(base, **kw):
+    prefixes = [_prefix(base, 3, 1), _prefix(base, 9, 2), None, _prefix(base, 5, 3)]
+    return [GenerationRequest(p, prefix=x, **kw) for p, x in zip(PROMPTS, prefixes)]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2"])
+def test_greedy_matches_from_scratch_loop_and_rows_alone(bases, arch):
+    base = bases[arch]
+    reqs = _requests(base, max_tokens=6, temperature=0)
+    batch = generate(base, reqs)
+    changed = False
+    for req, res in zip(reqs, batch):
+        ref = _reference_greedy(base, req.prompt_ids, req.prefix, req.max_tokens)
+        assert res.token_ids == ref
+        assert generate(base, [req])[0].token_ids == ref  # alone == in the mixed batch
+        assert res.text == base.tokenizer.decode(ref, skip_special_tokens=True)
+        assert res.prompt_tokens == len(req.prompt_ids) and res.completion_tokens == len(ref)
+        assert res.finish_reason == ("stop" if ref[-1] == base.tokenizer.eos_token_id else "length")
+        if req.prefix is not None:
+            changed |= _reference_greedy(base, req.prompt_ids, None, req.max_tokens) != ref
+    assert changed, "the prefixes do not change the output: the test would be vacuous"
+
+
+def test_sampling_seeded_per_row(bases):
+    base = bases["llama"]
+    reqs = _requests(base, max_tokens=8, temperature=0.9, top_p=0.95, top_k=50)
+    for i, r in enumerate(reqs):
+        r.seed = 100 + i
+    batch = generate(base, reqs)
+    for req, res in zip(reqs, batch):
+        assert generate(base, [req])[0].token_ids == res.token_ids  # neighbours don't matter
+    again = generate(base, reqs)
+    assert [r.token_ids for r in again] == [r.token_ids for r in batch]
+    reqs[0].seed = 7
+    assert generate(base, [reqs[0]])[0].token_ids != batch[0].token_ids
+
+
+def test_top_k_1_and_tiny_top_p_are_greedy(bases):
+    base = bases["gpt2"]
+    greedy = [r.token_ids for r in generate(base, _requests(base, max_tokens=5, temperature=0))]
+    k1 = generate(base, _requests(base, max_tokens=5, temperature=1.5, top_k=1, seed=3))
+    p0 = generate(base, _requests(base, max_tokens=5, temperature=1.5, top_p=1e-6, seed=3))
+    assert [r.token_ids for r in k1] == greedy
+    assert [r.token_ids for r in p0] == greedy
+
+
+def test_stop_string_cuts_text_and_stream_matches(bases):
+    base = bases["gpt2"]
+    reqs = _requests(base, max_tokens=10, temperature=0)
+    full = generate(base, reqs)
+    row = max(range(len(full)), key=lambda i: len(full[i].text))
+    text = full[row].text
+    assert len(text) >= 4
+    stop = text[2:4]
+    cut = text.find(stop)
+    reqs[row].stop = [stop, "\x00never"]
+    streamed: dict[int, list[str]] = {}
+    res = generate(base, reqs, on_token=lambda r, t, d: streamed.setdefault(r, []).append(d))
+    assert res[row].text == text[:cut] and res[row].finish_reason == "stop"
+    assert stop not in res[row].text
+    for i, r in enumerate(res):
+        assert "".join(streamed[i]) == r.text  # what was streamed is exactly the final text
+        assert len(streamed[i]) == len(r.token_ids)
+
+
+def test_stop_prefix_is_held_back():
+    assert partial_stop_len("hello wor", ["world"]) == 3
+    assert partial_stop_len("hello", ["xyz"]) == 0
+    assert partial_stop_len("ab", ["abc", "b"]) == 2
+
+
+def test_incremental_detokenizer_multibyte(bases):
+    tok = bases["gpt2"].tokenizer
+    text = "héllo 世界 🙂 ok<|endoftext|>"
+    ids = tok.encode(text)
+    # the tiny byte-level vocabulary splits the CJK characters and the emoji across tokens
+    assert any("\ufffd" in tok.decode([i]) for i in ids)
+    detok = IncrementalDetokenizer(tok, [5, 6])
+    deltas = [detok.step(i) for i in ids] + [detok.flush()]
+    assert not any("\ufffd" in d for d in deltas)
+    assert "".join(deltas) == "héllo 世界 🙂 ok"  # and no special-token text
+
+
+class _ForceEos(torch.nn.Module):
+    """Wraps a model: from its `after`-th forward on, EOS wins; records batch sizes."""
+
+    def __init__(self, model, eos, after):
+        super().__init__()
+        self.inner, self.eos, self.after, self.calls, self.batch_sizes = model, eos, after, 0, []
+        self.config, self.generation_config = model.config, model.generation_config
+
+    def forward(self, **kw):
+        out = self.inner(**kw)
+        self.calls += 1
+        self.batch_sizes.append(kw["input_ids"].shape[0])
+        if self.calls > self.after:
+            out.logits[..., self.eos] += 1e4
+        return out
+
+
+def test_eos_stops_and_special_text_is_skipped(bases):
+    base = bases["gpt2"]
+    eos = base.tokenizer.eos_token_id
+    wrapped = SimpleNamespace(**{**vars(base), "model": _ForceEos(base.model, eos, after=3)})
+    res = generate(wrapped, _requests(base, max_tokens=10, temperature=0))
+    for r in res:
+        assert r.finish_reason == "stop" and r.token_ids[-1] == eos and r.completion_tokens <= 4
+        assert "<|endoftext|>" not in r.text
+
+
+def test_finished_and_aborted_rows_leave_the_batch(bases):
+    base = bases["llama"]
+    eos = base.tokenizer.eos_token_id
+    reqs = _requests(base, max_tokens=6, temperature=0)
+    reqs[0].max_tokens, reqs[2].max_tokens = 2, 4
+    plain = generate(base, reqs)
+    wrapped = SimpleNamespace(**{**vars(base), "model": _ForceEos(base.model, eos, after=10**6)})
+    seen = {1: 0}
+
+    def on_token(row, tok, delta):
+        seen[row] = seen.get(row, 0) + 1
+
+    res = generate(wrapped, reqs, on_token=on_token, should_abort=lambda row: row == 1 and seen[1] >= 3)
+    assert res[1].finish_reason == "abort" and len(res[1].token_ids) == 3
+    assert res[1].token_ids == plain[1].token_ids[:3]
+    for i in (0, 2, 3):
+        assert res[i].token_ids == plain[i].token_ids and res[i].finish_reason == plain[i].finish_reason
+    # prefill 4 rows; rows 0 (2 tokens), 1 (abort after 3) and 2 (4 tokens) drop out as they end
+    if all(len(r.token_ids) == r.completion_tokens == q.max_tokens for r, q in zip(plain, reqs)):
+        assert wrapped.model.batch_sizes == [4, 4, 3, 2, 1, 1]
+
+
+def test_logprobs_agree_with_score(bases):
+    base = bases["qwen2"]
+    reqs = _requests(base, max_tokens=4, temperature=0, logprobs=3)
+    for req, res in zip(reqs, generate(base, reqs)):
+        assert len(res.logprobs) == len(res.token_ids)
+        for lp, t in zip(res.logprobs, res.token_ids):
+            assert lp.token_id == t and len(lp.top) == 3 and lp.top[0][0] == t  # greedy: chosen = top-1
+            assert lp.top[0][2] >= lp.top[1][2] >= lp.top[2][2]
+        total = sum(lp.logprob for lp in res.logprobs)
+        assert abs(score(base, req.prompt_ids, [res.token_ids], req.prefix)[0] - total) < 1e-4
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_score_equals_single_row_forward(bases, arch):
+    base = bases[arch]
+    prefix = _prefix(base, 6, 11)
+    prompt, cands = [5, 9, 33, 2], [[17], [40, 41, 42], [8, 8]]
+    got = score(base, prompt, cands, prefix)
+    for c, s in zip(cands, got):
+        ids = prompt + c
+        mask = torch.ones(1, 6 + len(ids), dtype=torch.long)
+        with torch.no_grad():
+            logits = base.model(
+                input_ids=torch.tensor([ids]), attention_mask=mask, position_ids=positions_from_mask(mask, len(ids)),
+                cache=FrozenPrefixCache([(k[None], v[None]) for k, v in prefix]),
+            ).logits[0]
+        lp = logits.log_softmax(-1)
+        manual = sum(float(lp[len(prompt) - 1 + j, t]) for j, t in enumerate(c))
+        assert abs(manual - s) < 1e-4
+    cls = classify(base, prompt, cands, prefix)
+    assert abs(sum(p for _, p in cls) - 1) < 1e-6
+    assert [lp for lp, _ in cls] == got
+    assert score(base, prompt, cands, None) != got  # the prefix matters
+
+
+def test_context_limit_and_edge_cases(bases):
+    base = bases["gpt2"]
+    assert max_context(base) == 256
+    with pytest.raises(ValueError, match=r"200 tokens.*40 virtual.*\(20\) = 260 exceeds .* 256"):
+        generate(base, [GenerationRequest([5] * 200, prefix=_prefix(base, 40, 0), max_tokens=20)])
+    with pytest.raises(ValueError):
+        generate(base, [GenerationRequest([], max_tokens=2)])
+    assert generate(base, []) == []
+    res = generate(base, [GenerationRequest([5, 6], max_tokens=0), GenerationRequest([7], max_tokens=2, temperature=0)])
+    assert res[0].finish_reason == "length" and res[0].token_ids == [] and res[1].completion_tokens >= 1
