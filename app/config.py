@@ -57,6 +57,10 @@ class Settings(BaseSettings):
     job_heartbeat_s: float = 10.0
     job_stale_after_s: float = 60.0
     celery_queue: str = "gpu"
+    # quota default (tenant.quotas["running_jobs"] overrides): more jobs wait in queued, not lost
+    max_running_jobs_per_tenant: int = 2
+    # seconds between the periodic checks (stale heartbeats, jobs waiting for file validation)
+    job_monitor_interval_s: float = 2.0
 
     @property
     def resolved_database_url(self) -> str:
