@@ -1,0 +1,237 @@
+"""Files: upload (multipart `file` + `purpose`), list, get, content, delete. OpenAI shapes.
+
+The body is limited while it streams (see `app/api/middleware.py`); the multipart parser spools
+the part to a temporary file (never the whole body in memory), and the file's exact size is
+checked against `MAX_UPLOAD_BYTES` before it is stored under `files/{tenant_id}/{file_id}`.
+Validation runs after the response, in a worker thread: `uploaded` -> `processed` | `error`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import Annotated
+
+from fastapi import APIRouter, BackgroundTasks, Form, Query, Request, UploadFile
+from fastapi import File as FileParam
+from fastapi.responses import StreamingResponse
+from sqlalchemy import and_, or_, select
+
+from app.api.deps import BlobsDep, SessionDep, SettingsDep, TenantDep
+from app.api.errors import APIError, bad_request, not_found
+from app.api.schemas import FileDeleted, FileList, FileObject
+from app.store.models import File, Job, new_id
+from app.validation import detect_format, validate_dataset
+
+log = logging.getLogger("prefixd.files")
+router = APIRouter(prefix="/v1/files", tags=["files"])
+
+UPLOAD_PURPOSES = ("fine-tune", "base-train")
+ACTIVE_JOB_STATUSES = ("validating_files", "queued", "running")
+
+
+def file_object(f: File) -> FileObject:
+    return FileObject(id=f.id, bytes=f.bytes, created_at=f.created_at, filename=f.filename, purpose=f.purpose,
+                      status=f.status, status_details=f.status_details, row_count=f.row_count,
+                      token_count=f.token_count)
+
+
+def get_tenant_file(session, tenant_id: str, file_id: str) -> File:
+    """A tenant's file, or 404 (another tenant's file does not exist for this one)."""
+    f = session.scalar(select(File).where(File.id == file_id, File.tenant_id == tenant_id))
+    if f is None:
+        raise not_found("file", file_id, param="file_id")
+    return f
+
+
+def _clean_filename(name: str | None) -> str:
+    name = (name or "upload").replace("\\", "/").rsplit("/", 1)[-1]
+    name = "".join(ch for ch in name if ch.isprintable())[:255].strip()
+    return name or "upload"
+
+
+# ---- validation (after the response) ----
+
+def token_counter(app):
+    """The served base's tokenizer when the engine exposes one, else None (bytes/4 estimate)."""
+    serving = getattr(app.state, "serving", None)
+    tok = getattr(serving, "tokenizer", None) or getattr(getattr(serving, "base", None), "tokenizer", None)
+    if tok is None:
+        return None
+
+    def count(text: str) -> int:
+        return len(tok(text, add_special_tokens=False)["input_ids"])
+
+    return count
+
+
+_validating: set[str] = set()
+_validating_lock = threading.Lock()
+
+
+def validate_file(app, file_id: str) -> None:
+    """Validate one stored file and record the outcome. Idempotent; never raises."""
+    with _validating_lock:
+        if file_id in _validating:
+            return
+        _validating.add(file_id)
+    settings, blobs = app.state.settings, app.state.blobs
+    try:
+        with app.state.session_factory() as session:
+            f = session.get(File, file_id)
+            if f is None or f.status != "uploaded" or f.purpose not in UPLOAD_PURPOSES:
+                return
+            key, purpose, filename = f.blob_key, f.purpose, f.filename
+        try:
+            with blobs.open(key) as fh:
+                res = validate_dataset(fh, purpose, detect_format(filename, purpose),
+                                       max_line_bytes=settings.max_jsonl_line_bytes,
+                                       count_tokens=token_counter(app))
+            status, details = ("processed" if res.ok else "error"), res.details
+            rows, tokens = res.rows, res.tokens
+        except Exception:  # noqa: BLE001
+            log.exception("validation of %s failed", file_id)
+            status, details, rows, tokens = "error", "internal error while validating the file", None, None
+        with app.state.session_factory() as session:
+            f = session.get(File, file_id)
+            if f is None:  # deleted meanwhile
+                return
+            f.status, f.status_details, f.row_count, f.token_count = status, details, rows, tokens
+            session.commit()
+    except Exception:  # noqa: BLE001
+        log.exception("could not record validation of %s", file_id)
+    finally:
+        with _validating_lock:
+            _validating.discard(file_id)
+
+
+def revalidate_pending(app) -> None:
+    """At startup: files left `uploaded` by a crash get validated (in a daemon thread)."""
+    def run():
+        try:
+            with app.state.session_factory() as session:
+                ids = list(session.scalars(select(File.id).where(File.status == "uploaded")))
+            for fid in ids:
+                validate_file(app, fid)
+        except Exception:  # noqa: BLE001
+            log.exception("revalidation at startup failed")
+
+    threading.Thread(target=run, name="revalidate-files", daemon=True).start()
+
+
+# ---- routes ----
+
+@router.post("", response_model=FileObject)
+def upload_file(
+    request: Request,
+    tenant: TenantDep,
+    session: SessionDep,
+    blobs: BlobsDep,
+    settings: SettingsDep,
+    background: BackgroundTasks,
+    file: Annotated[UploadFile, FileParam(description="the dataset")],
+    purpose: Annotated[str, Form(description="fine-tune | base-train")],
+) -> FileObject:
+    if purpose not in UPLOAD_PURPOSES:
+        raise bad_request(f"purpose must be one of {', '.join(UPLOAD_PURPOSES)}", param="purpose")
+    fh = file.file
+    fh.seek(0, os.SEEK_END)
+    size = fh.tell()
+    fh.seek(0)
+    if size > settings.max_upload_bytes:
+        raise APIError(413, f"File too large: {size} bytes (limit {settings.max_upload_bytes})",
+                       param="file", code="file_too_large")
+    if size == 0:
+        raise bad_request("The file is empty", param="file")
+    file_id = new_id("file")
+    key = f"files/{tenant.id}/{file_id}"
+    blobs.put_stream(key, fh)
+    row = File(id=file_id, tenant_id=tenant.id, filename=_clean_filename(file.filename), purpose=purpose,
+               bytes=size, status="uploaded", blob_key=key)
+    session.add(row)
+    try:
+        session.commit()
+    except Exception:
+        blobs.delete(key)
+        raise
+    background.add_task(validate_file, request.app, file_id)
+    return file_object(row)
+
+
+@router.get("", response_model=FileList)
+def list_files(
+    tenant: TenantDep,
+    session: SessionDep,
+    purpose: str | None = None,
+    after: str | None = Query(default=None, description="cursor: the last file id of the previous page"),
+    limit: int = Query(default=10000, ge=1, le=10000),
+    order: str = Query(default="desc", pattern="^(asc|desc)$"),
+) -> FileList:
+    q = select(File).where(File.tenant_id == tenant.id)
+    if purpose:
+        q = q.where(File.purpose == purpose)
+    desc = order == "desc"
+    if after:
+        cur = session.scalar(select(File).where(File.id == after, File.tenant_id == tenant.id))
+        if cur is None:
+            raise bad_request(f"No such file for cursor 'after': '{after}'", param="after")
+        if desc:
+            q = q.where(or_(File.created_at < cur.created_at, and_(File.created_at == cur.created_at, File.id < cur.id)))
+        else:
+            q = q.where(or_(File.created_at > cur.created_at, and_(File.created_at == cur.created_at, File.id > cur.id)))
+    q = q.order_by(File.created_at.desc(), File.id.desc()) if desc else q.order_by(File.created_at, File.id)
+    rows = session.scalars(q.limit(limit + 1)).all()
+    return FileList(data=[file_object(f) for f in rows[:limit]], has_more=len(rows) > limit)
+
+
+@router.get("/{file_id}", response_model=FileObject)
+def get_file(file_id: str, tenant: TenantDep, session: SessionDep) -> FileObject:
+    return file_object(get_tenant_file(session, tenant.id, file_id))
+
+
+@router.get("/{file_id}/content", response_class=StreamingResponse,
+            responses={200: {"content": {"application/octet-stream": {}}, "description": "The file's bytes"}})
+def file_content(file_id: str, tenant: TenantDep, session: SessionDep, blobs: BlobsDep):
+    f = get_tenant_file(session, tenant.id, file_id)
+    try:
+        fh = blobs.open(f.blob_key)
+    except KeyError:
+        raise not_found("file content", file_id, param="file_id") from None
+
+    def chunks():
+        try:
+            while True:
+                b = fh.read(64 * 1024)
+                if not b:
+                    return
+                yield b
+        finally:
+            fh.close()
+
+    media = "text/csv" if f.filename.endswith(".csv") else "application/octet-stream"
+    return StreamingResponse(chunks(), media_type=media)
+
+
+@router.delete("/{file_id}", response_model=FileDeleted)
+def delete_file(file_id: str, tenant: TenantDep, session: SessionDep, blobs: BlobsDep) -> FileDeleted:
+    f = get_tenant_file(session, tenant.id, file_id)
+    in_use = session.scalar(
+        select(Job.id).where(
+            Job.tenant_id == tenant.id,
+            or_(Job.training_file == f.id, Job.validation_file == f.id),
+            Job.status.in_(ACTIVE_JOB_STATUSES),
+        ).limit(1)
+    )
+    if in_use:
+        raise APIError(409, f"File '{f.id}' is used by job '{in_use}', which is still active; "
+                            "cancel the job or wait for it to finish", param="file_id", code="file_in_use",
+                       headers={"x-should-retry": "false"})
+    key = f.blob_key
+    session.delete(f)
+    session.commit()
+    try:
+        blobs.delete(key)
+    except Exception:  # noqa: BLE001
+        log.warning("could not delete blob of file %s", file_id, exc_info=True)
+    return FileDeleted(id=file_id)

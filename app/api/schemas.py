@@ -1,0 +1,124 @@
+"""Pydantic schemas shared by the routers (a family per resource: XCreate, XPublic, XList).
+
+Others may add their families here; keep `extra="forbid"` on request bodies so that an unknown
+field is a 400 naming it.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.api.errors import ErrorDetail, ErrorResponse  # noqa: F401  (re-exported)
+
+
+class StrictBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ---- tenants and keys (admin) ----
+
+class TenantCreate(StrictBody):
+    name: str = Field(min_length=1, max_length=200)
+
+
+class TenantUpdate(StrictBody):
+    name: str | None = Field(default=None, min_length=1, max_length=200)
+    suspended: bool | None = None
+    quotas: dict[str, int | None] | None = None  # None value: back to the settings' default
+
+
+class TenantPublic(BaseModel):
+    id: str
+    object: Literal["tenant"] = "tenant"
+    name: str
+    created_at: int
+    suspended: bool = False
+    quotas: dict = Field(default_factory=dict)
+    usage: dict | None = None
+
+
+class TenantCreated(TenantPublic):
+    api_key: str
+    api_key_id: str
+
+
+class TenantList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[TenantPublic]
+    has_more: bool = False
+
+
+class TenantDeleted(BaseModel):
+    id: str
+    object: Literal["tenant"] = "tenant"
+    deleted: bool = True
+
+
+class ApiKeyCreated(BaseModel):
+    id: str
+    object: Literal["api_key"] = "api_key"
+    api_key: str
+    created_at: int
+
+
+class ApiKeyPublic(BaseModel):
+    id: str
+    object: Literal["api_key"] = "api_key"
+    created_at: int
+    revoked_at: int | None = None
+
+
+class ApiKeyList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ApiKeyPublic]
+    has_more: bool = False
+
+
+class ApiKeyDeleted(BaseModel):
+    id: str
+    object: Literal["api_key"] = "api_key"
+    deleted: bool = True
+
+
+# ---- files ----
+
+FilePurpose = Literal["fine-tune", "base-train", "fine-tune-results"]
+
+
+class FileObject(BaseModel):
+    id: str
+    object: Literal["file"] = "file"
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: str
+    status: Literal["uploaded", "processed", "error"]
+    status_details: str | None = None
+    # extensions: filled in when validation finishes
+    row_count: int | None = None
+    token_count: int | None = None
+
+
+class FileList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[FileObject]
+    has_more: bool = False
+
+
+class FileDeleted(BaseModel):
+    id: str
+    object: Literal["file"] = "file"
+    deleted: bool = True
+
+
+# ---- health ----
+
+class Health(BaseModel):
+    status: str
+
+
+class Readiness(BaseModel):
+    status: Literal["ready", "not_ready"]
+    checks: dict[str, str]
