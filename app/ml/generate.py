@@ -42,6 +42,7 @@ class GenerationRequest:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     logprobs: int | None = None  # number of top alternatives to return per token; None = no logprobs
+    ignore_eos: bool = False  # keep going past EOS (benchmarks want exactly max_tokens tokens)
 
 
 @dataclass
@@ -352,7 +353,7 @@ def generate(
                 tok = greedy[j] if row.generator is None else sample_token(logits[j], req, row.generator)
                 if row.logprobs is not None:
                     row.logprobs.append(_token_logprobs(tokenizer, logits[j], tok, req.logprobs))
-                delta = row.advance(tok, tok in eos)
+                delta = row.advance(tok, tok in eos and not req.ignore_eos)
                 if on_token is not None:
                     on_token(row.index, tok, delta)
                 # Checked right before the row's next forward, so an aborted row costs no more compute.
