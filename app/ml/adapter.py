@@ -162,6 +162,9 @@ class Adapter:
 
 def serialize_adapter(adapter: Adapter) -> dict[str, bytes]:
     """`{file name: bytes}` for the two files of an adapter (for a blob store or a directory)."""
+    if not isinstance(adapter.base_fingerprint, str) or not adapter.base_fingerprint:
+        # Refuse here rather than write a file that `load_adapter` would reject later.
+        raise AdapterFormatError("adapter has no base_fingerprint; it cannot be tied to a base")
     # One header metadata key only: safetensors keeps them in a hash map, so two keys come out in
     # random order and the same adapter would hash (and zip) differently on every save.
     table_bytes = st_save({TABLE_TENSOR: adapter.table.detach().cpu().contiguous()}, metadata={"format": "pt"})

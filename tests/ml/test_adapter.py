@@ -130,6 +130,28 @@ def test_save_load_roundtrip_exact(bases, tmp_path):
     assert adapter_to_bytes(a) == adapter_to_bytes(a)  # deterministic bytes
 
 
+def test_save_is_atomic_when_interrupted(bases, tmp_path, monkeypatch):
+    base = bases["gpt2"]
+    old, new = _random_adapter(base, seed=1), _random_adapter(base, seed=2)
+    target = save_adapter(old, tmp_path / "a")
+    calls = []
+
+    def failing_fsync(fd):  # the crash: the second file of the new adapter never reaches disk
+        calls.append(fd)
+        if len(calls) == 2:
+            raise OSError("disk full")
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(OSError, match="disk full"):
+        save_adapter(new, target)
+    monkeypatch.undo()
+    assert torch.equal(load_adapter(target).table, old.table)  # the old adapter, whole
+    assert sorted(os.listdir(tmp_path)) == ["a"]  # no half-written temp dir left behind
+    with pytest.raises(AdapterFormatError, match="base_fingerprint"):
+        save_adapter(Adapter(new.config, new.table, {}), tmp_path / "b")
+    assert sorted(os.listdir(tmp_path)) == ["a"]
+
+
 def test_key_values_layout(bases):
     base = bases["llama"]
     a = _random_adapter(base, P=3)
