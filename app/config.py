@@ -35,6 +35,7 @@ class Settings(BaseSettings):
     torch_threads: int = 1  # per process: the API and the worker share the cores
 
     # serving
+    serving_enabled: bool = True  # SERVING_ENABLED=0: an API process that loads no model (tests, admin-only)
     adapter_cache_size: int = 64
     batch_window_ms: int = 10
     max_batch_size: int = 32

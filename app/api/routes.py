@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from app.api import admin, files, health
+from app.api import admin, admin_serving, completions, files, health, models
 
 ROUTERS = [
     health.router,
     admin.router,
     files.router,
+    admin_serving.router,
+    models.router,
+    completions.router,
 ]

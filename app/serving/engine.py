@@ -147,7 +147,7 @@ class ServingEngine:
         self.window_s = settings.batch_window_ms / 1000.0
         self.scheduler = FairScheduler(settings.max_queued_requests)
         self.cache: AdapterCache[CachedPrefix] = AdapterCache(
-            settings.adapter_cache_size, on_hit=metrics.CACHE_HITS.inc, on_miss=metrics.CACHE_MISSES.inc
+            settings.adapter_cache_size, on_hit=metrics.cache_hit, on_miss=metrics.cache_miss
         )
         self._generate_fn = generate_fn
         self._adapter_loader = adapter_loader
@@ -175,6 +175,12 @@ class ServingEngine:
     @property
     def served(self) -> ServedBase | None:
         return self._served
+
+    @property
+    def status_message(self) -> str:
+        if self._served is not None:
+            return "ok"
+        return self.error or "loading the base model"
 
     def require_served(self) -> ServedBase:
         served = self._served
@@ -238,7 +244,6 @@ class ServingEngine:
             self._served = ServedBase(base_id, base, fingerprint, path or getattr(base, "path", None))
             self.cache.clear()
             self.error = None
-        metrics.BASE_LOADED.set(1)
         log.info("serving base %s (fingerprint %s)", base_id, fingerprint[:16])
 
     def switch_base(self, base_id: str, path: str) -> ServedBase:
@@ -275,6 +280,7 @@ class ServingEngine:
         if entry.fingerprint != served.fingerprint:  # loaded for a base that is no longer served
             self.cache.evict(model_id)
             entry = self.cache.get(model_id, load)
+        metrics.cache_size(len(self.cache))
         return entry
 
     def _compatible(self, adapter, base) -> None:
@@ -284,7 +290,9 @@ class ServingEngine:
         check(adapter, base)
 
     def evict(self, model_id: str) -> bool:
-        return self.cache.evict(model_id)
+        evicted = self.cache.evict(model_id)
+        metrics.cache_size(len(self.cache))
+        return evicted
 
     # -- submission (called from the event loop) ---------------------------------------------
     def submit_generation(
@@ -320,9 +328,9 @@ class ServingEngine:
         try:
             self.scheduler.submit(items)
         except QueueFullError:
-            metrics.REJECTED.inc()
+            metrics.rejected()
             raise
-        metrics.QUEUE_DEPTH.set(len(self.scheduler))
+        metrics.queue_depth(len(self.scheduler))
 
     def cancel_tenant(self, tenant_id: str) -> int:
         """Cancel every queued and running row of a tenant (suspension, key revocation)."""
@@ -341,7 +349,7 @@ class ServingEngine:
     def _loop(self) -> None:
         while not self._stop.is_set():
             batch = self.scheduler.next_batch(self.max_batch_size, self.window_s, timeout=0.5)
-            metrics.QUEUE_DEPTH.set(len(self.scheduler))
+            metrics.queue_depth(len(self.scheduler))
             if not batch:
                 continue
             try:
@@ -383,8 +391,7 @@ class ServingEngine:
         if generate is None:
             from app.ml.generate import generate
         requests = [item.payload.request for item in gens]
-        metrics.BATCH_SIZE.observe(len(gens))
-        metrics.BATCH_ADAPTERS.observe(len({id(getattr(r, "prefix", None)) for r in requests}))
+        metrics.batch(len(gens), len({id(getattr(r, "prefix", None)) for r in requests}))
         stop = self._stop
 
         def on_token(row: int, token_id: int, text: str) -> None:
@@ -403,8 +410,6 @@ class ServingEngine:
         results = generate(served.base, requests, on_token=on_token, should_abort=should_abort)
         elapsed = time.perf_counter() - t0
         tokens = sum(int(getattr(r, "completion_tokens", 0) or 0) for r in results)
-        metrics.GENERATED_TOKENS.inc(tokens)
-        if elapsed > 0:
-            metrics.TOKENS_PER_S.set(tokens / elapsed)
+        metrics.tokens(tokens, elapsed)
         for item, result in zip(gens, results):
             item.handle.emit(("done", item.index, result))

@@ -1,35 +1,34 @@
-"""Serving metrics, registered in prometheus_client's default registry (what /metrics exposes).
-
-If `app.metrics` (the service's metrics module) already defines a metric of the same name, that
-one is reused, so the two modules never register a name twice.
-"""
+"""The serving engine's metrics: thin names over `app.metrics` (the service's one registry,
+exposed at /metrics)."""
 
 from __future__ import annotations
 
-from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from app import metrics as m
 
 
-def _get_or_create(cls, name: str, doc: str, **kw):
-    existing = REGISTRY._names_to_collectors.get(name)  # noqa: SLF001 - no public lookup exists
-    if existing is None and cls is Counter:
-        existing = REGISTRY._names_to_collectors.get(name + "_total")  # noqa: SLF001
-    if existing is not None:
-        return existing
-    return cls(name, doc, **kw)
+def batch(size: int, distinct_adapters: int) -> None:
+    m.observe_batch(size, distinct_adapters)
 
 
-BATCH_SIZE = _get_or_create(
-    Histogram, "prefixd_serving_batch_size", "Rows per generation batch",
-    buckets=(1, 2, 4, 8, 16, 32, 64, 128),
-)
-BATCH_ADAPTERS = _get_or_create(
-    Histogram, "prefixd_serving_batch_adapters", "Distinct prefixes (adapters or none) per batch",
-    buckets=(1, 2, 4, 8, 16, 32),
-)
-QUEUE_DEPTH = _get_or_create(Gauge, "prefixd_serving_queue_depth", "Rows waiting for a batch")
-GENERATED_TOKENS = _get_or_create(Counter, "prefixd_serving_generated_tokens", "Tokens generated")
-TOKENS_PER_S = _get_or_create(Gauge, "prefixd_serving_tokens_per_second", "Tokens/s of the last batch")
-CACHE_HITS = _get_or_create(Counter, "prefixd_adapter_cache_hits", "Adapter cache hits")
-CACHE_MISSES = _get_or_create(Counter, "prefixd_adapter_cache_misses", "Adapter cache misses")
-REJECTED = _get_or_create(Counter, "prefixd_serving_rejected", "Requests refused because the queue was full")
-BASE_LOADED = _get_or_create(Gauge, "prefixd_serving_base_loaded", "1 when a base model is loaded")
+def queue_depth(n: int) -> None:
+    m.set_queue_depth(n)
+
+
+def tokens(n: int, seconds: float) -> None:
+    m.record_tokens(n, seconds)
+
+
+def cache_hit() -> None:
+    m.adapter_cache_hit()
+
+
+def cache_miss() -> None:
+    m.adapter_cache_miss()
+
+
+def cache_size(n: int) -> None:
+    m.set_adapter_cache_size(n)
+
+
+def rejected() -> None:
+    m.rejected("queue_full")

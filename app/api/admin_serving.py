@@ -1,0 +1,81 @@
+"""Admin: which base this API process serves. `GET /v1/admin/serving` shows it;
+`POST /v1/admin/serving {"model": id}` loads another registered base (a service base or a
+tenant's base job) and serves it from the next batch on, with no process restart.
+
+Requests queued for the old base when the switch lands answer 409 (`base_changed`); adapters of
+the old base answer 409 (`adapter_base_mismatch`) until it is served again. The choice lasts for
+this process's lifetime: a restart serves BASE_MODEL (or the default base) again, and each API
+replica is switched on its own.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.api.deps import AdminDep, BlobsDep, SessionDep, SettingsDep
+from app.api.errors import APIError
+from app.api.models import get_engine
+from app.store.models import ModelRecord
+
+router = APIRouter(tags=["admin"])
+
+
+class ServingSwitch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(min_length=1, max_length=255)
+
+
+class ServingStatus(BaseModel):
+    object: Literal["serving"] = "serving"
+    model: str | None
+    fingerprint: str | None
+    ready: bool
+    loading: bool
+    error: str | None = None
+    queued: int
+    adapter_cache: dict
+
+
+def _status(engine) -> ServingStatus:
+    s = engine.status()
+    return ServingStatus(model=s["model"], fingerprint=s["fingerprint"], ready=s["ready"], loading=s["loading"],
+                         error=s["error"], queued=s["queued"], adapter_cache=s["adapter_cache"])
+
+
+@router.get("/v1/admin/serving", response_model=ServingStatus)
+def serving_status(request: Request, _admin: AdminDep) -> ServingStatus:
+    return _status(get_engine(request))
+
+
+@router.post("/v1/admin/serving", response_model=ServingStatus)
+async def switch_serving(body: ServingSwitch, request: Request, _admin: AdminDep, session: SessionDep,
+                         blobs: BlobsDep, settings: SettingsDep) -> ServingStatus:
+    from app.bases import materialize_base
+
+    engine = get_engine(request)
+    record = await run_in_threadpool(session.get, ModelRecord, body.model)
+    if record is None:
+        raise APIError(404, f"The model '{body.model}' does not exist", param="model", code="model_not_found")
+    if record.kind != "base":
+        raise APIError(400, f"'{body.model}' is an adapter; only a base model can be served", param="model",
+                       code="not_a_base")
+    record_id, fingerprint = record.id, record.fingerprint
+
+    def load():
+        path = materialize_base(settings, blobs, record)
+        return engine.switch_base(record_id, str(path))
+
+    try:
+        served = await run_in_threadpool(load)
+    except FileNotFoundError as e:
+        raise APIError(409, f"The base '{record_id}' is not available in storage: {e}", param="model",
+                       code="model_unavailable", headers={"x-should-retry": "false"}) from None
+    if fingerprint and served.fingerprint != fingerprint:
+        # the files changed since registration: keep the record true to what is served
+        record.fingerprint = served.fingerprint
+        await run_in_threadpool(session.commit)
+    return _status(engine)

@@ -1,0 +1,605 @@
+"""Inference: `POST /v1/completions`, `POST /v1/chat/completions` and our `POST /v1/classify`.
+
+`model` is the served base's id or one of the tenant's adapters; every request goes through the
+serving engine's fair scheduler and is batched with other tenants' requests and other adapters.
+
+Parameters we implement: `model`, `prompt` (string, list of strings, token ids, or lists of token
+ids; required) / `messages`, `max_tokens` (chat: also `max_completion_tokens`), `temperature`
+(0 = greedy), `top_p`, `n`, `stop` (string or list of up to MAX_STOP_STRINGS), `seed` (choice i
+uses seed + i, so choices differ but are reproducible), `stream` with
+`stream_options.include_usage`, `logprobs` (completions: an int 0..5, the legacy
+`{tokens, token_logprobs, top_logprobs, text_offset}` object; chat: `logprobs` + `top_logprobs`).
+With `stream`, logprobs arrive in each choice's last chunk.
+
+Other OpenAI parameters, decided one by one:
+- accepted and ignored (no effect on the output): `user`, `metadata`, `store`, `service_tier`,
+  `parallel_tool_calls`, `modalities`, `prediction`, `reasoning_effort`, `web_search_options`;
+- accepted when they ask for the default, 400 naming the parameter otherwise:
+  `presence_penalty` and `frequency_penalty` (0), `logit_bias` ({}), `echo` (false),
+  `best_of` (1 or equal to n), `suffix` (null or ""), `tools`/`functions` ([] or null),
+  `tool_choice`/`function_call` ("none" or null), `response_format` ({"type": "text"});
+- anything else is a 400 naming it ("Unrecognized request argument").
+
+Limits (settings): MAX_PROMPT_TOKENS, MAX_COMPLETION_TOKENS (`max_tokens` above it is a 400,
+never clamped), MAX_N, MAX_STOP_STRINGS. The context check counts the adapter's prefix: prompt +
+num_virtual_tokens + max_tokens must fit the base's positions, or the answer is a 400 with the
+numbers. A chat request without `max_tokens` gets what is left of the context (at most
+MAX_COMPLETION_TOKENS).
+
+Chat prompts use the tokenizer's chat template, or the fallback of `app.ml.data.format_chat`:
+one `"{role}: {content}\\n"` line per message followed by `"assistant: "`.
+
+When the queue is full the answer is 429 with `Retry-After`. A client that disconnects frees its
+rows at the next decoding step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.api.deps import SessionDep, SettingsDep, TenantDep
+from app.api.errors import APIError, envelope
+from app.api.models import Resolved, get_engine, resolve_model
+from app.serving.engine import BaseChangedError, EngineNotReadyError
+from app.serving.scheduler import QueueFullError, SchedulerClosedError
+
+router = APIRouter(tags=["inference"])
+
+IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "modalities", "prediction",
+           "reasoning_effort", "web_search_options"}
+DEFAULT_ONLY: dict[str, Any] = {
+    "presence_penalty": lambda v: v in (None, 0, 0.0),
+    "frequency_penalty": lambda v: v in (None, 0, 0.0),
+    "logit_bias": lambda v: not v,
+    "echo": lambda v: not v,
+    "suffix": lambda v: v in (None, ""),
+    "tools": lambda v: not v,
+    "functions": lambda v: not v,
+    "tool_choice": lambda v: v in (None, "none"),
+    "function_call": lambda v: v in (None, "none"),
+    "response_format": lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"),
+}
+MAX_LABELS = 64
+DISCONNECT_POLL_S = 0.25
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
+
+
+class _Common(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str = Field(min_length=1, max_length=255)
+    temperature: float | None = Field(1.0, ge=0, le=2)
+    top_p: float | None = Field(1.0, gt=0, le=1)
+    n: int | None = Field(1, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    best_of: int | None = None
+
+
+class CompletionCreate(_Common):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(16, ge=0)
+    logprobs: int | None = Field(None, ge=0, le=5)
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: str = Field(min_length=1, max_length=64)
+    content: str | list[dict] | None = None
+
+
+class ChatCompletionCreate(_Common):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=0)
+    max_completion_tokens: int | None = Field(None, ge=0)
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+
+class ClassifyCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(min_length=1, max_length=255)
+    input: str
+    labels: list[str] = Field(min_length=1, max_length=MAX_LABELS)
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class LegacyLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]] | None
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    text: str
+    index: int
+    finish_reason: Literal["stop", "length"] | None
+    logprobs: LegacyLogprobs | None = None
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+    system_fingerprint: str | None = None
+
+
+class ChatMessageOut(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+    refusal: None = None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatMessageOut
+    finish_reason: Literal["stop", "length"] | None
+    logprobs: dict | None = None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    system_fingerprint: str | None = None
+
+
+class ClassificationItem(BaseModel):
+    label: str
+    logprob: float
+    probability: float
+
+
+class Classification(BaseModel):
+    object: Literal["classification"] = "classification"
+    model: str
+    data: list[ClassificationItem]
+    usage: Usage
+
+
+SSE_DOC = {200: {"content": {"text/event-stream": {}}, "description": "With stream=true: server-sent events"}}
+
+
+# ---------------------------------------------------------------------------------- checks
+
+
+def check_params(body: _Common, settings, *, chat: bool) -> None:
+    for name, value in (body.model_extra or {}).items():
+        if name in IGNORED:
+            continue
+        if name in DEFAULT_ONLY:
+            if DEFAULT_ONLY[name](value):
+                continue
+            raise APIError(400, f"'{name}' is not supported by this server (only its default is accepted)",
+                           param=name, code="unsupported_parameter")
+        if chat and name in ("echo", "suffix"):
+            raise APIError(400, f"Unrecognized request argument supplied: {name}", param=name)
+        raise APIError(400, f"Unrecognized request argument supplied: {name}", param=name,
+                       code="unknown_parameter")
+    n = body.n or 1
+    if n > settings.max_n:
+        raise APIError(400, f"n must be at most {settings.max_n} (MAX_N), got {n}", param="n")
+    if body.best_of not in (None, 1, n):
+        raise APIError(400, "best_of is not supported (only best_of = n)", param="best_of",
+                       code="unsupported_parameter")
+    stops = stop_list(body.stop)
+    if len(stops) > settings.max_stop_strings:
+        raise APIError(400, f"At most {settings.max_stop_strings} stop strings (MAX_STOP_STRINGS), got {len(stops)}",
+                       param="stop")
+    if any(len(s) > 256 for s in stops):
+        raise APIError(400, "A stop string may have at most 256 characters", param="stop")
+    if body.stream_options is not None and not body.stream:
+        raise APIError(400, "stream_options is only allowed with stream=true", param="stream_options")
+
+
+def stop_list(stop) -> list[str]:
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        return [stop] if stop else []
+    return [s for s in stop if s]
+
+
+def check_max_tokens(max_tokens: int, settings, param: str = "max_tokens") -> None:
+    if max_tokens > settings.max_completion_tokens:
+        raise APIError(400, f"{param} is {max_tokens}, over the limit of {settings.max_completion_tokens} "
+                            "(MAX_COMPLETION_TOKENS)", param=param)
+
+
+def check_context(served, prompt_tokens: int, prefix_tokens: int, max_tokens: int, settings, *,
+                  param: str = "prompt") -> None:
+    if prompt_tokens > settings.max_prompt_tokens:
+        raise APIError(400, f"The prompt has {prompt_tokens} tokens, over the limit of {settings.max_prompt_tokens} "
+                            "(MAX_PROMPT_TOKENS)", param=param, code="context_length_exceeded")
+    limit = int(served.base.geometry.max_positions)
+    total = prompt_tokens + prefix_tokens + max_tokens
+    if total > limit:
+        raise APIError(
+            400, f"This model's maximum context length is {limit} tokens, and the adapter's prefix takes "
+                 f"{prefix_tokens} of them. You requested {total} tokens ({prompt_tokens} in the prompt, "
+                 f"{prefix_tokens} in the prefix, {max_tokens} for the completion). Reduce the prompt or max_tokens.",
+            param=param, code="context_length_exceeded")
+
+
+def _prompt_ids(tokenizer, text: str) -> list[int]:
+    from app.ml.data import encode_prompt
+
+    ids = encode_prompt(tokenizer, text)
+    if not ids:  # an empty prompt starts a new document, as OpenAI's does
+        start = getattr(tokenizer, "bos_token_id", None)
+        if start is None:
+            start = tokenizer.eos_token_id
+        ids = [int(start)]
+    return ids
+
+
+def _completion_prompts(body: CompletionCreate, tokenizer) -> list[list[int]]:
+    p = body.prompt
+    vocab = len(tokenizer)
+    if isinstance(p, str):
+        return [_prompt_ids(tokenizer, p)]
+    if not p:
+        raise APIError(400, "prompt must not be an empty list", param="prompt")
+    if all(isinstance(x, str) for x in p):
+        return [_prompt_ids(tokenizer, x) for x in p]
+    lists = [p] if all(isinstance(x, int) for x in p) else p
+    out = []
+    for ids in lists:
+        if not ids:
+            raise APIError(400, "A token-id prompt must not be empty", param="prompt")
+        if any(not 0 <= int(t) < vocab for t in ids):
+            raise APIError(400, f"Token ids in prompt must be in [0, {vocab})", param="prompt")
+        out.append([int(t) for t in ids])
+    return out
+
+
+# ---------------------------------------------------------------------------------- running
+
+
+def _submit(engine, tenant_id: str, requests: list, fingerprint: str, stream: bool):
+    try:
+        return engine.submit_generation(tenant_id, requests, fingerprint=fingerprint, stream=stream)
+    except QueueFullError as e:
+        raise APIError(429, f"The server is at capacity ({e.queued} requests queued, limit {e.limit}); "
+                            f"retry after {e.retry_after_s} s", type="rate_limit_error", code="server_busy",
+                       headers={"Retry-After": str(e.retry_after_s)}) from None
+    except (EngineNotReadyError, SchedulerClosedError) as e:
+        raise APIError(503, str(e), code="model_loading", headers={"Retry-After": "5"}) from None
+
+
+def _engine_error(exc: BaseException) -> APIError:
+    if isinstance(exc, BaseChangedError):
+        return APIError(409, str(exc) + "; send the request again", code="base_changed")
+    if isinstance(exc, (EngineNotReadyError, SchedulerClosedError)):
+        return APIError(503, str(exc), code="model_loading", headers={"Retry-After": "5"})
+    if isinstance(exc, ValueError):
+        return APIError(400, str(exc))
+    return APIError(500, f"Generation failed: {type(exc).__name__}", type="server_error")
+
+
+async def _await_results(request: Request, handle) -> list:
+    """Results of all rows; cancels them if the client goes away meanwhile."""
+    task = asyncio.ensure_future(handle.results())
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                break
+            if await request.is_disconnected():
+                handle.cancel()
+                task.cancel()
+                raise APIError(499, "Client closed the request", code="client_closed")
+        try:
+            return task.result()
+        except APIError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise _engine_error(exc) from None
+    finally:
+        if not task.done():
+            handle.cancel()
+            task.cancel()
+
+
+def _usage(results: list, prompt_lens: list[int], n: int) -> Usage:
+    prompt = sum(prompt_lens)  # each prompt counted once, however many choices it has
+    completion = sum(r.completion_tokens for r in results)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+def _finish(reason: str) -> str | None:
+    return reason if reason in ("stop", "length") else None
+
+
+def _legacy_logprobs(items, start_offset: int = 0) -> dict | None:
+    if items is None:
+        return None
+    tokens, lps, tops, offsets = [], [], [], []
+    pos = start_offset
+    for t in items:
+        tokens.append(t.token)
+        lps.append(t.logprob)
+        tops.append({tok: lp for _, tok, lp in t.top})
+        offsets.append(pos)
+        pos += len(t.token)
+    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def _chat_logprobs(items, top: int | None) -> dict | None:
+    if items is None:
+        return None
+
+    def entry(token: str, lp: float) -> dict:
+        return {"token": token, "logprob": lp, "bytes": list(token.encode("utf-8", "replace"))}
+
+    return {"content": [
+        {**entry(t.token, t.logprob), "top_logprobs": [entry(tok, lp) for _, tok, lp in t.top[: top or 0]]}
+        for t in items
+    ], "refusal": None}
+
+
+def _sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+
+
+async def _stream(request: Request, handle, make_chunk, usage_chunk, include_usage: bool,
+                  prompt_lens: list[int]) -> AsyncIterator[str]:
+    """SSE: one chunk per text delta, each choice's last chunk with its finish_reason, then the
+    usage chunk (with stream_options.include_usage) and `data: [DONE]`."""
+    results: dict[int, Any] = {}
+    try:
+        async for event in handle.events():
+            kind, index = event[0], event[1]
+            if kind == "token":
+                if event[3]:
+                    yield _sse(make_chunk(index, event[3], None, None))
+            elif kind == "done":
+                results[index] = event[2]
+                yield _sse(make_chunk(index, "", _finish(event[2].finish_reason) or "stop", event[2]))
+            elif kind == "error":
+                handle.cancel()
+                err = _engine_error(event[2])
+                yield _sse(envelope(err.status_code, err.message, err.type, err.param, err.code))
+                yield "data: [DONE]\n\n"
+                return
+        if include_usage:
+            yield _sse(usage_chunk(_usage(list(results.values()), prompt_lens, handle.n).model_dump()))
+        yield "data: [DONE]\n\n"
+    finally:
+        if len(results) < handle.n:  # client went away (or the generator was closed): free the rows
+            handle.cancel()
+
+
+def _gen_requests(prompts: list[list[int]], resolved: Resolved, body, max_tokens: int, logprobs: int | None):
+    from app.ml.generate import GenerationRequest
+
+    n = body.n or 1
+    stops = stop_list(body.stop)
+    temperature = 1.0 if body.temperature is None else body.temperature
+    top_p = 1.0 if body.top_p is None else body.top_p
+    out = []
+    for ids in prompts:
+        for j in range(n):
+            out.append(GenerationRequest(
+                prompt_ids=ids, prefix=resolved.prefix, max_tokens=max_tokens, temperature=temperature,
+                top_p=top_p, stop=stops, seed=None if body.seed is None else body.seed + j, logprobs=logprobs,
+            ))
+    return out
+
+
+def _new_id(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(12)}"
+
+
+# ---------------------------------------------------------------------------------- routes
+
+
+@router.post("/v1/completions", response_model=Completion, responses=SSE_DOC)
+async def create_completion(body: CompletionCreate, request: Request, tenant: TenantDep, session: SessionDep,
+                            settings: SettingsDep):
+    check_params(body, settings, chat=False)
+    max_tokens = 16 if body.max_tokens is None else body.max_tokens
+    check_max_tokens(max_tokens, settings)
+    engine = get_engine(request)
+
+    def prepare():
+        resolved = resolve_model(session, engine, tenant.id, body.model)
+        tokenizer = resolved.served.base.tokenizer
+        prompts = _completion_prompts(body, tokenizer)
+        for ids in prompts:
+            check_context(resolved.served, len(ids), resolved.num_virtual_tokens, max_tokens, settings)
+        return resolved, prompts
+
+    resolved, prompts = await run_in_threadpool(prepare)
+    session.close()  # release the connection for the duration of generation
+    n = body.n or 1
+    requests = _gen_requests(prompts, resolved, body, max_tokens, body.logprobs)
+    handle = _submit(engine, tenant.id, requests, resolved.served.fingerprint, bool(body.stream))
+    cid, created, model = _new_id("cmpl"), int(time.time()), body.model
+    prompt_lens = [len(p) for p in prompts]
+
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+        def chunk(index, text, finish, result):
+            lp = _legacy_logprobs(result.logprobs) if (result is not None and body.logprobs is not None) else None
+            out = {"id": cid, "object": "text_completion", "created": created, "model": model,
+                   "choices": [{"text": text, "index": index, "logprobs": lp, "finish_reason": finish}]}
+            if include_usage:
+                out["usage"] = None
+            return out
+
+        def usage_chunk(usage):
+            return {"id": cid, "object": "text_completion", "created": created, "model": model, "choices": [],
+                    "usage": usage}
+
+        return StreamingResponse(_stream(request, handle, chunk, usage_chunk, include_usage, prompt_lens),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    results = await _await_results(request, handle)
+    choices = [
+        CompletionChoice(text=r.text, index=i, finish_reason=_finish(r.finish_reason),
+                         logprobs=_legacy_logprobs(r.logprobs) if body.logprobs is not None else None)
+        for i, r in enumerate(results)
+    ]
+    return Completion(id=cid, created=created, model=model, choices=choices,
+                      usage=_usage(results, prompt_lens, n))
+
+
+@router.post("/v1/chat/completions", response_model=ChatCompletion, responses=SSE_DOC)
+async def create_chat_completion(body: ChatCompletionCreate, request: Request, tenant: TenantDep,
+                                 session: SessionDep, settings: SettingsDep):
+    check_params(body, settings, chat=True)
+    if body.max_tokens is not None and body.max_completion_tokens is not None \
+            and body.max_tokens != body.max_completion_tokens:
+        raise APIError(400, "Give max_tokens or max_completion_tokens, not two different values",
+                       param="max_completion_tokens")
+    requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    if requested is not None:
+        check_max_tokens(requested, settings,
+                         "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens")
+    if body.top_logprobs is not None and not body.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+    engine = get_engine(request)
+
+    def prepare():
+        from app.ml.data import format_chat
+
+        resolved = resolve_model(session, engine, tenant.id, body.model)
+        tokenizer = resolved.served.base.tokenizer
+        try:
+            text = format_chat([m.model_dump() for m in body.messages], tokenizer, add_generation_prompt=True)
+        except Exception as e:  # noqa: BLE001 - a template that rejects the messages
+            raise APIError(400, f"The messages cannot be formatted: {e}", param="messages") from None
+        ids = _prompt_ids(tokenizer, text)
+        P = resolved.num_virtual_tokens
+        max_tokens = requested
+        if max_tokens is None:
+            room = int(resolved.served.base.geometry.max_positions) - len(ids) - P
+            max_tokens = max(0, min(settings.max_completion_tokens, room))
+            if max_tokens == 0:
+                check_context(resolved.served, len(ids), P, 1, settings, param="messages")
+        check_context(resolved.served, len(ids), P, max_tokens, settings, param="messages")
+        return resolved, ids, max_tokens
+
+    resolved, ids, max_tokens = await run_in_threadpool(prepare)
+    session.close()
+    n = body.n or 1
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    requests = _gen_requests([ids], resolved, body, max_tokens, logprobs)
+    handle = _submit(engine, tenant.id, requests, resolved.served.fingerprint, bool(body.stream))
+    cid, created, model = _new_id("chatcmpl"), int(time.time()), body.model
+
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        started: set[int] = set()
+
+        def chunk(index, text, finish, result):
+            delta: dict[str, Any] = {}
+            if index not in started:
+                started.add(index)
+                delta["role"] = "assistant"
+            if text or not finish:
+                delta["content"] = text
+            lp = _chat_logprobs(result.logprobs, body.top_logprobs) if (result is not None and body.logprobs) else None
+            out = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                   "choices": [{"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}]}
+            if include_usage:
+                out["usage"] = None
+            return out
+
+        def usage_chunk(usage):
+            return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                    "choices": [], "usage": usage}
+
+        return StreamingResponse(_stream(request, handle, chunk, usage_chunk, include_usage, [len(ids)]),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    results = await _await_results(request, handle)
+    choices = [
+        ChatChoice(index=i, message=ChatMessageOut(content=r.text), finish_reason=_finish(r.finish_reason),
+                   logprobs=_chat_logprobs(r.logprobs, body.top_logprobs) if body.logprobs else None)
+        for i, r in enumerate(results)
+    ]
+    return ChatCompletion(id=cid, created=created, model=model, choices=choices, usage=_usage(results, [len(ids)], n))
+
+
+@router.post("/v1/classify", response_model=Classification)
+async def classify(body: ClassifyCreate, request: Request, tenant: TenantDep, session: SessionDep,
+                   settings: SettingsDep) -> Classification:
+    """Extension: the probability of each label as the continuation of `input`, under the model.
+
+    Each label is scored as the exact text appended to `input` (include a leading space if your
+    prompts expect one); probabilities are normalised over the given labels. `data` keeps the
+    order of `labels`."""
+    labels = body.labels
+    if len(set(labels)) != len(labels):
+        raise APIError(400, "labels must be distinct", param="labels")
+    if any(not label for label in labels):
+        raise APIError(400, "labels must be non-empty strings", param="labels")
+    engine = get_engine(request)
+
+    def prepare():
+        resolved = resolve_model(session, engine, tenant.id, body.model)
+        tok = resolved.served.base.tokenizer
+        ids = _prompt_ids(tok, body.input)
+        label_ids = [list(tok(label, add_special_tokens=False)["input_ids"]) for label in labels]
+        if any(not x for x in label_ids):
+            raise APIError(400, "every label must encode to at least one token", param="labels")
+        check_context(resolved.served, len(ids) + max(len(x) for x in label_ids), resolved.num_virtual_tokens, 0,
+                      settings, param="input")
+        return resolved, ids, label_ids
+
+    resolved, ids, label_ids = await run_in_threadpool(prepare)
+    session.close()
+    prefix = resolved.prefix
+
+    def run(base):
+        from app.ml.generate import classify as ml_classify
+
+        return ml_classify(base, ids, label_ids, prefix)
+
+    try:
+        scored = await engine.run_call(tenant.id, run, fingerprint=resolved.served.fingerprint)
+    except QueueFullError as e:
+        raise APIError(429, f"The server is at capacity ({e.queued} requests queued); retry after "
+                            f"{e.retry_after_s} s", type="rate_limit_error", code="server_busy",
+                       headers={"Retry-After": str(e.retry_after_s)}) from None
+    except APIError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise _engine_error(exc) from None
+    prompt_tokens = len(ids) * len(labels) + sum(len(x) for x in label_ids)
+    return Classification(
+        model=body.model,
+        data=[ClassificationItem(label=label, logprob=lp, probability=p) for label, (lp, p) in zip(labels, scored)],
+        usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=0, total_tokens=prompt_tokens),
+    )
+

@@ -1,0 +1,217 @@
+"""Base models as service resources: register a local HF directory, fetch it back, and make sure
+the service has a base to serve on first start.
+
+- A base id is a slug, `[a-z0-9-]` (`slugify` turns a directory name into one).
+- `register_base` uploads every file of the directory to blobs under `bases/{slug}/`, then writes
+  `bases/{slug}/_manifest.json` last: a base whose manifest is missing is an upload that did not
+  finish, and is never materialised. It upserts the `ModelRecord` (kind `base`; `tenant_id` NULL
+  for the service's own bases, the owner's id for a tenant's base job).
+- `materialize_base` returns a local directory for a record: the directory it was registered from
+  when it still exists on this machine (`details.local_path`), else `DATA_DIR/models/{slug}`,
+  downloaded once into a temp dir and renamed into place (atomic: a crash leaves no half base).
+- `ensure_default_base` is what the API runs at startup (in a background thread):
+  `BASE_MODEL=/path` serves that directory, registered under `slugify(dir name)`; without it the
+  service serves `DATA_DIR/models/default`, which it materialises from blobs if another replica
+  already built it, and otherwise builds offline with `app.ml.base.build_default_base`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+from sqlalchemy.exc import IntegrityError
+
+from app.store.models import ModelRecord
+
+log = logging.getLogger("prefixd.bases")
+
+DEFAULT_BASE_ID = "default"
+MANIFEST = "_manifest.json"
+SLUG_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?$")
+_FILE_RE = re.compile(r"^[A-Za-z0-9._-]+$")
+
+
+def slugify(name: str) -> str:
+    s = re.sub(r"[^a-z0-9]+", "-", str(name).lower()).strip("-")
+    s = re.sub(r"-{2,}", "-", s)[:64].strip("-")
+    return s or "base"
+
+
+def is_slug(value: str) -> bool:
+    return bool(SLUG_RE.match(value or ""))
+
+
+def blob_prefix(slug: str) -> str:
+    return f"bases/{slug}/"
+
+
+def _dir_files(local_dir: Path) -> list[str]:
+    out = []
+    for path in sorted(local_dir.rglob("*")):
+        if not path.is_file():
+            continue
+        rel = path.relative_to(local_dir).as_posix()
+        parts = rel.split("/")
+        if any(p.startswith(".") for p in parts):  # caches, temp files
+            continue
+        if not all(_FILE_RE.match(p) for p in parts):
+            raise ValueError(f"base file name not storable: {rel!r}")
+        out.append(rel)
+    return out
+
+
+def _fingerprint_of(local_dir: Path) -> str:
+    from app.ml.base import load_base
+
+    return load_base(str(local_dir)).fingerprint
+
+
+def register_base(
+    session,
+    blobs,
+    local_dir,
+    slug: str,
+    owner_tenant_id: str | None = None,
+    *,
+    fingerprint: str | None = None,
+    job_id: str | None = None,
+    details: dict | None = None,
+) -> ModelRecord:
+    """Upload `local_dir` under `bases/{slug}/` and upsert its ModelRecord (the caller commits)."""
+    if not is_slug(slug):
+        raise ValueError(f"base id must be a slug of [a-z0-9-], got {slug!r}")
+    local_dir = Path(local_dir).resolve()
+    if not (local_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{local_dir} is not a Hugging Face model directory (no config.json)")
+    if fingerprint is None:
+        fingerprint = _fingerprint_of(local_dir)
+    files = _dir_files(local_dir)
+    prefix = blob_prefix(slug)
+    size = 0
+    for rel in files:
+        blobs.put_file(prefix + rel, local_dir / rel)
+        size += (local_dir / rel).stat().st_size
+    manifest = {"slug": slug, "fingerprint": fingerprint, "files": files, "size_bytes": size}
+    blobs.put_bytes(prefix + MANIFEST, json.dumps(manifest, indent=2).encode())
+
+    record = session.get(ModelRecord, slug)
+    if record is not None and (record.kind != "base" or record.tenant_id != owner_tenant_id):
+        raise ValueError(f"model id {slug!r} is already taken")
+    info = {"local_path": str(local_dir), **(details or {})}
+    if record is None:
+        record = ModelRecord(
+            id=slug, kind="base", tenant_id=owner_tenant_id, base_id=None, fingerprint=fingerprint,
+            blob_key=prefix, job_id=job_id, size_bytes=size, details=info,
+        )
+        session.add(record)
+    else:
+        record.fingerprint, record.blob_key, record.size_bytes = fingerprint, prefix, size
+        record.details = {**(record.details or {}), **info}
+        if job_id:
+            record.job_id = job_id
+    session.flush()
+    return record
+
+
+def _complete_local(path: Path) -> bool:
+    return (path / "config.json").is_file()
+
+
+def materialize_base(settings, blobs, record: ModelRecord) -> Path:
+    """A local directory holding the base `record`, downloading it at most once."""
+    local = (record.details or {}).get("local_path")
+    if local and _complete_local(Path(local)):
+        return Path(local)
+    target = Path(settings.data_dir).resolve() / "models" / record.id
+    if _complete_local(target):
+        return target
+    prefix = record.blob_key or blob_prefix(record.id)
+    try:
+        manifest = json.loads(blobs.get_bytes(prefix + MANIFEST))
+    except KeyError:
+        raise FileNotFoundError(f"base {record.id!r} has no complete upload in storage") from None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{record.id}-", dir=target.parent))
+    try:
+        for rel in manifest["files"]:
+            if not all(_FILE_RE.match(p) for p in rel.split("/")):
+                raise ValueError(f"unsafe file name in base manifest: {rel!r}")
+            dest = tmp / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            blobs.download_to(prefix + rel, dest)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process won the race
+            if not _complete_local(target):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _build_default(target: Path) -> None:
+    """Build the engine's default base into `target`, atomically."""
+    from app.ml.base import build_default_base
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-default-", dir=target.parent))
+    try:
+        log.info("no base model: building the default base into %s (first start only)", target)
+        build_default_base(str(tmp))
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not _complete_local(target):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def served_base_dir(settings) -> tuple[str, Path]:
+    """(base id, local dir) of the base this process serves at startup (may not exist yet)."""
+    if settings.base_model:
+        path = Path(settings.base_model).resolve()
+        return slugify(path.name), path
+    return DEFAULT_BASE_ID, Path(settings.resolved_base_model).resolve()
+
+
+def ensure_default_base(settings, session, blobs, *, fingerprint: str | None = None) -> ModelRecord:
+    """Make sure the startup base exists locally and has its ModelRecord; commits.
+
+    `fingerprint` (of the loaded base) saves loading the model once more to compute it."""
+    slug, path = served_base_dir(settings)
+    record = session.get(ModelRecord, slug)
+    if not _complete_local(path):
+        if settings.base_model:
+            raise FileNotFoundError(f"BASE_MODEL={settings.base_model} is not a Hugging Face model directory")
+        if record is not None and record.kind == "base":
+            try:
+                materialize_base(settings, blobs, record)
+            except FileNotFoundError:
+                _build_default(path)
+        else:
+            _build_default(path)
+    if fingerprint is None and (record is None or record.details.get("local_path") != str(path)):
+        fingerprint = _fingerprint_of(path)
+    if record is not None and record.kind == "base" and (fingerprint is None or record.fingerprint == fingerprint):
+        if (record.details or {}).get("local_path") != str(path):
+            record.details = {**(record.details or {}), "local_path": str(path)}
+            session.commit()
+        return record
+    if record is not None and record.fingerprint != fingerprint:
+        log.warning("base %s changed on disk (fingerprint %s -> %s); re-registering",
+                    slug, record.fingerprint[:12], (fingerprint or "")[:12])
+    try:
+        record = register_base(session, blobs, path, slug, None, fingerprint=fingerprint,
+                               details={"source": "BASE_MODEL" if settings.base_model else "built-in"})
+        session.commit()
+    except IntegrityError:  # another replica registered it at the same moment
+        session.rollback()
+        record = session.get(ModelRecord, slug)
+    return record
