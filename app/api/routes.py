@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from app.api import admin, admin_serving, completions, files, health, models
+from app.api import admin, admin_serving, completions, files, health, jobs, models
 
 ROUTERS = [
     health.router,
     admin.router,
     files.router,
+    jobs.router,
     admin_serving.router,
     models.router,
     completions.router,

@@ -1,0 +1,39 @@
+"""Fine-tuning jobs: the domain code the API router and the Celery task share.
+
+- `spec`: the strict request models and their limits;
+- `state`: the state machine in the database (compare-and-set claim, heartbeats, cancel, requeue);
+- `service`: create/list/get/cancel and the OpenAI-shaped views (what the router calls);
+- `runner`: the worker side (`run_job`: claim, train through `app.ml`, record results);
+- `monitor`: the periodic check (stale heartbeats, jobs waiting for file validation).
+"""
+
+from app.jobs.context import JobContext, default_context, send_to_worker
+from app.jobs.state import claim_job, requeue_stale_jobs
+
+
+def enqueue_job(job_id: str, settings=None, countdown: float | None = None) -> None:
+    from app.config import get_settings
+
+    send_to_worker(settings or get_settings(), job_id, countdown)
+
+
+def run_job(job_id: str, ctx: JobContext | None = None) -> str:
+    from app.jobs.runner import run_job as _run
+
+    return _run(job_id, ctx)
+
+
+def run_prefix_job(run):
+    from app.jobs.runner import run_prefix_job as _run
+
+    return _run(run)
+
+
+def run_base_job(run):
+    from app.jobs.runner import run_base_job as _run
+
+    return _run(run)
+
+
+__all__ = ["JobContext", "default_context", "enqueue_job", "claim_job", "requeue_stale_jobs", "run_job",
+           "run_prefix_job", "run_base_job"]

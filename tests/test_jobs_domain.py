@@ -1,0 +1,362 @@
+"""The jobs domain, called directly: SQLite (through the real Alembic migrations), local blobs, a
+tiny base, and an enqueue that records ids instead of sending them to Celery."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import threading
+import time
+
+import pytest
+from sqlalchemy import select
+
+from app.config import Settings
+from app.jobs import runner, service, state
+from app.jobs.context import JobContext
+from app.jobs.monitor import check_once
+from app.jobs.spec import SpecError, check_limits, normalize_method, parse_job_create
+from app.store.models import File, Job, JobCheckpoint, JobEvent, ModelRecord, Tenant
+
+
+def _dataset(n: int = 60) -> list[dict]:
+    # the label depends on one word of the prompt
+    words = {"red": " warm", "orange": " warm", "yellow": " warm", "blue": " cold", "green": " cold",
+             "purple": " cold"}
+    rows = []
+    for i in range(n):
+        w = list(words)[i % len(words)]
+        rows.append({"prompt": f"item {i} is {w} ->", "completion": words[w]})
+    return rows
+
+
+@pytest.fixture()
+def env(tmp_path, tiny_base_dirs):
+    from app.bases import register_base
+    from app.store.blobs import LocalBlobStore
+    from app.store.db import init_db, make_engine, make_session_factory
+
+    settings = Settings(data_dir=tmp_path, job_heartbeat_s=0.2, job_stale_after_s=1.0,
+                        max_running_jobs_per_tenant=0)
+    engine = make_engine(settings.resolved_database_url)
+    init_db(engine)
+    sf = make_session_factory(engine)
+    blobs = LocalBlobStore(tmp_path / "blobs")
+    sent: list[str] = []
+    ctx = JobContext(settings, sf, blobs, enqueue=lambda job_id, countdown=None: sent.append(job_id))
+    with sf() as s:
+        s.add_all([Tenant(id="tenant-a", name="a"), Tenant(id="tenant-b", name="b")])
+        register_base(s, blobs, tiny_base_dirs["llama"], "tiny")
+        s.commit()
+
+    def add_file(tenant="tenant-a", rows=None, purpose="fine-tune", status="processed", details=None):
+        data = "".join(json.dumps(r) + "\n" for r in (rows or _dataset())).encode()
+        with sf() as s:
+            f = File(tenant_id=tenant, filename="train.jsonl", purpose=purpose, bytes=len(data),
+                     status=status, status_details=details, blob_key="x")
+            s.add(f)
+            s.flush()
+            f.blob_key = f"files/{tenant}/{f.id}"
+            blobs.put_bytes(f.blob_key, data)
+            s.commit()
+            return f.id
+
+    def create(body, tenant="tenant-a") -> Job:
+        with sf() as s:
+            job = service.create_job(s, s.get(Tenant, tenant), body, settings)
+            s.commit()
+            return job
+
+    yield type("Env", (), dict(settings=settings, sf=sf, blobs=blobs, ctx=ctx, sent=sent, add_file=add_file,
+                               create=create))
+    engine.dispose()
+
+
+SMALL = {"type": "prefix", "prefix": {"num_virtual_tokens": 4,
+                                      "hyperparameters": {"n_epochs": 2, "batch_size": 16}}}
+
+
+def _events(env, job_id) -> list[JobEvent]:
+    with env.sf() as s:
+        return list(s.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.seq)))
+
+
+def _job(env, job_id) -> Job:
+    with env.sf() as s:
+        return s.get(Job, job_id)
+
+
+# ----------------------------------------------------------------------------- request validation
+
+
+@pytest.mark.parametrize("patch, param", [
+    ({"method": {"type": "prefix", "prefix": {"hyperparameters": {"n_epochs": 101}}}},
+     "method.prefix.hyperparameters.n_epochs"),
+    ({"method": {"type": "prefix", "prefix": {"hyperparameters": {"n_epochs": 0}}}},
+     "method.prefix.hyperparameters.n_epochs"),
+    ({"method": {"type": "prefix", "prefix": {"hyperparameters": {"batch_size": "8"}}}},
+     "method.prefix.hyperparameters.batch_size"),
+    ({"method": {"type": "prefix", "prefix": {"num_virtual_tokens": 513}}}, "method.prefix.num_virtual_tokens"),
+    ({"method": {"type": "prefix", "prefix": {"typo": 1}}}, "method.prefix.typo"),
+    ({"method": {"type": "prefix", "prefix": {"init": "text"}}}, "method.prefix.init_text"),
+    ({"method": {"type": "base", "base": {"hyperparameters": {"learning_rate": -1}}}},
+     "method.base.hyperparameters.learning_rate"),
+    ({"method": {"type": "lora"}}, "method"),
+    ({"suffix": "Bad_Suffix"}, "suffix"),
+    ({"suffix": "x" * 41}, "suffix"),
+    ({"extra_field": True}, "extra_field"),
+    ({"seed": -1}, "seed"),
+    ({"metadata": {"k": 1}}, "metadata.k"),
+])
+def test_request_errors_name_the_parameter(patch, param):
+    body = {"model": "tiny", "training_file": "file-1", **patch}
+    with pytest.raises(SpecError) as e:
+        check_limits(normalize_method(parse_job_create(body)), Settings())
+    assert e.value.param == param and e.value.status_code == 400
+
+
+def test_defaults_and_aliases():
+    m = normalize_method(parse_job_create({"model": "tiny", "training_file": "f", "method": {"type": "prefix"}}))
+    assert m["type"] == "prefix" and m["prefix"]["hyperparameters"]["n_epochs"] == "auto"
+    m = normalize_method(parse_job_create({"model": "tiny", "training_file": "f"}))
+    assert m["type"] == "prefix"
+    m = normalize_method(parse_job_create({"model": "tiny", "training_file": "f", "method": {
+        "type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 3}}}}))
+    assert m == {"type": "prefix", "prefix": {**m["prefix"]}} and m["prefix"]["hyperparameters"]["n_epochs"] == 3
+
+
+def test_create_checks_references(env):
+    fid = env.add_file()
+    other = env.add_file(tenant="tenant-b")
+    corpus = env.add_file(purpose="base-train")
+
+    def err(body, tenant="tenant-a"):
+        with pytest.raises(SpecError) as e:
+            env.create({"model": "tiny", "training_file": fid, **body}, tenant)
+        return e.value.status_code, e.value.param
+
+    assert err({"model": "nope"}) == (404, "model")
+    assert err({"training_file": other}) == (404, "training_file")
+    assert err({"training_file": "file-missing"}) == (404, "training_file")
+    assert err({"training_file": corpus}) == (400, "training_file")
+    assert err({"validation_file": other}) == (404, "validation_file")
+    assert err({"method": {"type": "prefix", "prefix": {"init": "adapter", "init_adapter": "ft:x"}}}) == (
+        404, "method.prefix.init_adapter")
+    assert err({"method": {"type": "base", "base": {"architecture": "llama"}}}) == (400, "method.base.architecture")
+    job = env.create({"model": "tiny", "training_file": fid, "suffix": "my-task"})
+    assert job.status == "queued" and job.kind == "prefix" and job.seed is not None
+    view = service.job_public(job)
+    assert view["object"] == "fine_tuning.job" and view["error"] is None and view["result_files"] == []
+
+
+def test_waits_for_file_validation(env):
+    pending = env.add_file(status="uploaded")
+    job = env.create({"model": "tiny", "training_file": pending})
+    assert job.status == "validating_files"
+    assert check_once(env.ctx) == [] and _job(env, job.id).status == "validating_files"
+    with env.sf() as s:
+        s.get(File, pending).status = "processed"
+        s.commit()
+    assert check_once(env.ctx) == [job.id] and _job(env, job.id).status == "queued"
+
+    bad = env.add_file(status="uploaded")
+    job2 = env.create({"model": "tiny", "training_file": bad})
+    with env.sf() as s:
+        f = s.get(File, bad)
+        f.status, f.status_details = "error", "line 3: not JSON"
+        s.commit()
+    check_once(env.ctx)
+    j = _job(env, job2.id)
+    assert j.status == "failed" and j.error["code"] == "invalid_training_file" and "line 3" in j.error["message"]
+
+
+# ----------------------------------------------------------------------------- state machine
+
+
+def test_claim_is_compare_and_set(env):
+    job = env.create({"model": "tiny", "training_file": env.add_file()})
+    with env.sf() as s:
+        assert state.claim_job(s, job.id, "w1", 60) is True
+        assert state.claim_job(s, job.id, "w2", 60) is False  # second delivery: nothing happens
+    j = _job(env, job.id)
+    assert (j.status, j.worker_id, j.attempts) == ("running", "w1", 1)
+    # a second delivery through run_job is a no-op too
+    assert runner.run_job(job.id, env.ctx) == "skipped"
+    assert _job(env, job.id).worker_id == "w1"
+
+
+def test_cancel_queued_is_immediate(env):
+    job = env.create({"model": "tiny", "training_file": env.add_file()})
+    with env.sf() as s:
+        j = service.cancel_job(s, "tenant-a", job.id)
+        s.commit()
+        assert j.status == "cancelled" and j.finished_at
+        with pytest.raises(SpecError) as e:
+            service.get_job(s, "tenant-b", job.id)  # other tenant: as if missing
+        assert e.value.status_code == 404
+    assert runner.run_job(job.id, env.ctx) == "skipped"
+
+
+def test_stale_heartbeat_requeues(env):
+    job = env.create({"model": "tiny", "training_file": env.add_file()})
+    with env.sf() as s:
+        assert state.claim_job(s, job.id, "dead-worker", 60)
+        s.get(Job, job.id).heartbeat_at = time.time() - 5
+        s.commit()
+        assert state.requeue_stale_jobs(s, stale_after_s=1.0) == [job.id]
+        s.commit()
+    j = _job(env, job.id)
+    assert j.status == "queued" and j.worker_id is None
+    with env.sf() as s:  # the dead worker can no longer write
+        assert state.heartbeat(s, job.id, "dead-worker") is False
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def test_run_prefix_job_end_to_end(env):
+    job = env.create({"model": "tiny", "training_file": env.add_file(), "suffix": "colors", "seed": 7,
+                      **{"method": SMALL}})
+    assert runner.run_job(job.id, env.ctx) == "succeeded"
+    j = _job(env, job.id)
+    assert j.status == "succeeded" and j.error is None and j.finished_at
+    assert j.fine_tuned_model == f"ft:tiny:tenant-a:colors:{job.id}"
+    assert j.trained_tokens and j.trained_tokens > 0
+    assert j.hyperparameters["n_epochs"] == 2 and isinstance(j.hyperparameters["learning_rate"], float)
+    with env.sf() as s:
+        rec = s.get(ModelRecord, j.fine_tuned_model)
+        assert rec.kind == "adapter" and rec.tenant_id == "tenant-a" and rec.base_id == "tiny"
+        assert rec.num_virtual_tokens == 4 and rec.fingerprint == s.get(ModelRecord, "tiny").fingerprint
+        from app.ml.adapter import adapter_from_bytes
+
+        adapter = adapter_from_bytes(env.blobs.get_bytes(rec.blob_key))
+        assert adapter.base_fingerprint == rec.fingerprint
+        ckpts = s.scalars(select(JobCheckpoint).where(JobCheckpoint.job_id == job.id)).all()
+        assert ckpts and all(c.metrics["step"] == c.step_number for c in ckpts)
+        assert ckpts[0].fine_tuned_model_checkpoint.startswith(j.fine_tuned_model + ":ckpt-step-")
+        # results CSV: base vs adapter on the 10% held-out split
+        (rf,) = j.result_files
+        f = s.get(File, rf)
+        assert f.purpose == "fine-tune-results" and f.tenant_id == "tenant-a"
+        rows = list(csv.DictReader(io.StringIO(env.blobs.get_bytes(f.blob_key).decode())))
+        assert [r["model"] for r in rows] == ["tiny", j.fine_tuned_model]
+        assert all(r["exact_match"] != "" and r["bleu"] != "" and r["loss"] != "" for r in rows)
+    events = _events(env, job.id)
+    metrics = [e for e in events if e.type == "metrics"]
+    assert metrics and {"step", "train_loss", "valid_loss", "tokens_per_s"} <= set(metrics[0].data)
+    steps = [e.data["step"] for e in metrics]
+    assert all(b - a <= 10 for a, b in zip([0] + steps, steps))
+    assert events[-1].message == "The job has successfully completed"
+    # checkpoint blobs are cleaned up after success
+    assert env.blobs.list(f"checkpoints/tenant-a/{job.id}/") == []
+
+
+def test_cancel_stops_a_running_job(env):
+    body = {"model": "tiny", "training_file": env.add_file(rows=_dataset(200)),
+            "method": {"type": "prefix", "prefix": {"num_virtual_tokens": 4,
+                                                    "hyperparameters": {"n_epochs": 100, "batch_size": 2}}}}
+    job = env.create(body)
+    out = {}
+    t = threading.Thread(target=lambda: out.setdefault("r", runner.run_job(job.id, env.ctx)))
+    t.start()
+    deadline = time.time() + 60
+    while time.time() < deadline and not any(e.type == "metrics" for e in _events(env, job.id)):
+        time.sleep(0.1)
+    with env.sf() as s:
+        j = service.cancel_job(s, "tenant-a", job.id)
+        s.commit()
+        assert j.status == "running" and j.cancel_requested
+    asked = time.time()
+    t.join(timeout=30)
+    assert not t.is_alive() and out["r"] == "cancelled"
+    assert time.time() - asked < 10
+    j = _job(env, job.id)
+    assert j.status == "cancelled" and j.fine_tuned_model is None
+
+
+class _Killed(BaseException):
+    """Stands in for a worker process dying: nothing below `run_job` catches it."""
+
+
+def test_dead_worker_job_resumes_from_checkpoint(env, monkeypatch):
+    # < 50 rows: no held-out split, so no final evaluation (kept short)
+    job = env.create({"model": "tiny", "training_file": env.add_file(rows=_dataset(40)), "method": {
+        "type": "prefix", "prefix": {"num_virtual_tokens": 4, "hyperparameters": {"n_epochs": 2, "batch_size": 8}}}})
+    original = runner.JobCallbacks.on_checkpoint
+    seen = []
+
+    def dying(self, step, metrics):
+        original(self, step, metrics)
+        seen.append(step)
+        if len(seen) == 2:
+            raise _Killed()
+
+    monkeypatch.setattr(runner.JobCallbacks, "on_checkpoint", dying)
+    with pytest.raises(_Killed):
+        runner.run_job(job.id, env.ctx)
+    monkeypatch.setattr(runner.JobCallbacks, "on_checkpoint", original)
+    assert _job(env, job.id).status == "running"
+    assert env.blobs.list(f"checkpoints/tenant-a/{job.id}/")  # the checkpoint survived in storage
+    time.sleep(1.3)  # heartbeat goes stale (job_stale_after_s=1)
+    env.sent.clear()
+    assert check_once(env.ctx) == [job.id] and env.sent == [job.id]
+    assert _job(env, job.id).status == "queued"
+    assert runner.run_job(job.id, env.ctx) == "succeeded"
+    j = _job(env, job.id)
+    assert j.attempts == 2
+    msgs = [e.message for e in _events(env, job.id)]
+    assert any(m.startswith("Resuming from checkpoint step-") for m in msgs)
+    assert any("Worker lost; job requeued" in m for m in msgs)
+    first_resumed_metrics = [e.data["step"] for e in _events(env, job.id) if e.type == "metrics"]
+    # the resumed run continued after the checkpoint step rather than from step 1
+    assert first_resumed_metrics.count(1) == 1
+
+
+def test_training_error_fails_cleanly(env, monkeypatch):
+    job = env.create({"model": "tiny", "training_file": env.add_file(), "method": SMALL})
+
+    def boom(*a, **k):
+        raise RuntimeError("out of cheese")
+
+    monkeypatch.setattr("app.ml.train.train_prefix", boom)
+    assert runner.run_job(job.id, env.ctx) == "failed"
+    j = _job(env, job.id)
+    assert j.status == "failed" and j.error["code"] == "training_error"
+    assert "out of cheese" in j.error["message"] and "Traceback" not in j.error["message"]
+
+
+def test_running_quota_defers(env):
+    env.settings.max_running_jobs_per_tenant = 1
+    a = env.create({"model": "tiny", "training_file": env.add_file()})
+    b = env.create({"model": "tiny", "training_file": env.add_file()})
+    with env.sf() as s:
+        assert state.claim_job(s, a.id, "w1", 60)
+    env.sent.clear()
+    assert runner.run_job(b.id, env.ctx) == "deferred"
+    assert env.sent == [b.id] and _job(env, b.id).status == "queued"
+
+
+def test_pagination(env):
+    fid = env.add_file()
+    ids = [env.create({"model": "tiny", "training_file": fid}).id for _ in range(5)]
+    with env.sf() as s:
+        p1 = service.list_jobs(s, "tenant-a", None, 2)
+        p2 = service.list_jobs(s, "tenant-a", p1["data"][-1]["id"], 2)
+        p3 = service.list_jobs(s, "tenant-a", p2["data"][-1]["id"], 2)
+        got = [j["id"] for p in (p1, p2, p3) for j in p["data"]]
+        assert sorted(got) == sorted(ids) and len(set(got)) == 5
+        assert p1["has_more"] and p2["has_more"] and not p3["has_more"]
+        assert service.list_jobs(s, "tenant-b", None, 10)["data"] == []
+        for i in range(3):
+            state.add_event(s, ids[0], f"e{i}", tenant_id="tenant-a")
+        s.commit()
+        e1 = service.list_events(s, "tenant-a", ids[0], None, 2)
+        e2 = service.list_events(s, "tenant-a", ids[0], e1["data"][-1]["id"], 2)
+        assert [e["message"] for e in e1["data"]] == ["e2", "e1"] and e1["has_more"]
+        assert e2["data"][0]["message"] == "e0"
+        with pytest.raises(SpecError) as e:
+            service.list_events(s, "tenant-a", ids[0], None, 101)
+        assert e.value.param == "limit"
+        with pytest.raises(SpecError):
+            service.list_events(s, "tenant-b", ids[0], None, 10)

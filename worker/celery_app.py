@@ -1,0 +1,110 @@
+"""The Celery app, configured from Settings (the same object the API reads).
+
+GPU training facts applied here (see ../shared/DESIGN.md, "Celery for GPU training"):
+- `task_acks_late` + `worker_prefetch_multiplier=1`: a worker reserves one job at a time, so a
+  second job never waits behind a long one on a busy worker. Run one worker process per GPU
+  (`-c 1`, `CUDA_VISIBLE_DEVICES=<i>`) on the `gpu` queue.
+- `task_reject_on_worker_lost`: a message whose worker died is delivered again. The database,
+  not Celery, holds the job state: the task's compare-and-set claim makes a duplicate delivery a
+  no-op, and a stale heartbeat hands the job to the next worker, which resumes from its checkpoint.
+- A long visibility timeout, so Redis does not redeliver a message of a job still running
+  (celery#5935); the heartbeat monitor handles workers that really died.
+- No result backend: results live in the jobs table.
+- CUDA is never touched in the parent (pytorch#40403): torch threads are set per process on
+  `worker_process_init`; the parent only runs the job monitor, which uses the database.
+
+Brokers: `settings.broker_url`, Redis when REDIS_URL is set, else kombu's server-less
+`sqla+sqlite:///DATA_DIR/broker.db`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+from celery import Celery, signals
+
+from app.config import Settings, get_settings
+
+log = logging.getLogger("prefixd.worker")
+
+VISIBILITY_TIMEOUT_S = 7 * 24 * 3600
+
+
+def make_celery(settings: Settings) -> Celery:
+    if settings.redis_url is None:
+        Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
+    app = Celery("prefixd", broker=settings.broker_url, include=["worker.tasks"])
+    app.conf.update(
+        task_default_queue=settings.celery_queue,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_ignore_result=True,
+        result_backend=None,
+        task_serializer="json",
+        accept_content=["json"],
+        broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT_S, "polling_interval": 0.5},
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+        task_send_sent_event=False,
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+        enable_utc=True,
+    )
+    return app
+
+
+celery_app = make_celery(get_settings())
+
+_apps: dict[str, Celery] = {}
+_apps_lock = threading.Lock()
+
+
+def celery_app_for(settings: Settings) -> Celery:
+    """A producer app for these settings (the API may run with settings other than the env's)."""
+    if settings.broker_url == celery_app.conf.broker_url and settings.celery_queue == celery_app.conf.task_default_queue:
+        return celery_app
+    with _apps_lock:
+        key = f"{settings.broker_url}|{settings.celery_queue}"
+        if key not in _apps:
+            _apps[key] = make_celery(settings)
+        return _apps[key]
+
+
+def _set_torch_threads(**_kw) -> None:
+    import torch
+
+    n = max(1, get_settings().torch_threads)
+    torch.set_num_threads(n)
+    try:
+        torch.set_num_interop_threads(max(1, n))
+    except RuntimeError:  # already set in this process
+        pass
+
+
+# worker_init: the main process (solo pool runs tasks there); worker_process_init: each forked child
+signals.worker_init.connect(_set_torch_threads, weak=False)
+signals.worker_process_init.connect(_set_torch_threads, weak=False)
+
+_monitor = None
+
+
+@signals.worker_ready.connect(weak=False)
+def _start_monitor(**_kw) -> None:
+    """Requeue jobs whose worker died, promote jobs whose files finished validation."""
+    global _monitor
+    from app.jobs.context import default_context
+    from app.jobs.monitor import Monitor
+
+    try:
+        _monitor = Monitor(default_context()).start()
+    except Exception:
+        log.exception("could not start the job monitor")
+
+
+@signals.worker_shutdown.connect(weak=False)
+def _stop_monitor(**_kw) -> None:
+    if _monitor is not None:
+        _monitor.stop()
