@@ -7,6 +7,7 @@
   `worker/celery_app.py` does not exist), each with OMP_NUM_THREADS / TORCH_THREADS set from
   the TORCH_THREADS setting (the API and the worker share the cores).
 - Ctrl-C / SIGTERM are forwarded to both; when either child exits, the other is stopped.
+- `--api-only` / `--worker-only` start one of the two (scale-out: K API replicas, N workers).
 """
 
 from __future__ import annotations
@@ -63,8 +64,16 @@ def _stop(procs: list[subprocess.Popen], timeout: float = 20.0) -> None:
             p.wait()
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
     from app.api.deps import load_or_create_admin_key
+
+    parser = argparse.ArgumentParser(prog="python -m app.run", description=__doc__.split("\n")[0])
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--api-only", action="store_true", help="start the API without a worker")
+    group.add_argument("--worker-only", action="store_true", help="start one Celery worker without the API")
+    args = parser.parse_args(argv)
 
     settings = Settings()
     port = int(os.environ.get("PORT", settings.port))
@@ -77,13 +86,24 @@ def main() -> int:
         print(f"prefixd: admin key in {settings.data_dir / 'admin_key'}", flush=True)
     env = child_env(settings, key)
     api_cmd, worker_cmd = commands(settings, port)
-    procs = [subprocess.Popen(api_cmd, cwd=ROOT, env=env, start_new_session=True)]
-    if worker_cmd:
+    procs: list[subprocess.Popen] = []
+    names: list[str] = []
+    if not args.worker_only:
+        procs.append(subprocess.Popen(api_cmd, cwd=ROOT, env=env, start_new_session=True))
+        names.append("API")
+    if args.api_only:
+        pass
+    elif worker_cmd:
         procs.append(subprocess.Popen(worker_cmd, cwd=ROOT, env=env, start_new_session=True))
+        names.append("worker")
+    elif args.worker_only:
+        print("prefixd: worker/celery_app.py not found", file=sys.stderr, flush=True)
+        return 2
     else:
         print("prefixd: worker/celery_app.py not found; starting the API without a worker", file=sys.stderr,
               flush=True)
-    print(f"prefixd: API on http://{settings.host}:{port}  (Ctrl-C stops everything)", flush=True)
+    if not args.worker_only:
+        print(f"prefixd: API on http://{settings.host}:{port}  (Ctrl-C stops everything)", flush=True)
 
     stopping = {"sig": None}
 
@@ -98,7 +118,7 @@ def main() -> int:
             dead = [p for p in procs if p.poll() is not None]
             if dead:
                 code = dead[0].returncode or 1
-                print(f"prefixd: {'API' if dead[0] is procs[0] else 'worker'} exited ({dead[0].returncode}); "
+                print(f"prefixd: {names[procs.index(dead[0])]} exited ({dead[0].returncode}); "
                       "stopping", file=sys.stderr, flush=True)
                 break
             time.sleep(0.5)

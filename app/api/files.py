@@ -56,8 +56,14 @@ def _clean_filename(name: str | None) -> str:
 def token_counter(app):
     """The served base's tokenizer when the engine exposes one, else None (bytes/4 estimate)."""
     serving = getattr(app.state, "serving", None)
-    tok = getattr(serving, "tokenizer", None) or getattr(getattr(serving, "base", None), "tokenizer", None)
-    if tok is None:
+    tok = getattr(serving, "tokenizer", None)
+    if tok is None:  # ServingEngine.served -> ServedBase(base=app.ml.base.Base(tokenizer=...))
+        try:
+            served = getattr(serving, "served", None)
+            tok = getattr(getattr(served, "base", None), "tokenizer", None)
+        except Exception:  # noqa: BLE001
+            tok = None
+    if tok is None or not callable(tok):
         return None
 
     def count(text: str) -> int:
