@@ -47,10 +47,10 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.api.deps import SessionDep, SettingsDep, TenantDep
+from app.api.deps import SessionDep, SettingsDep, TenantDep, bearer_token, hash_key
 from app.api.errors import APIError, envelope
 from app.api.models import Resolved, get_engine, resolve_model
-from app.serving.engine import BaseChangedError, EngineNotReadyError
+from app.serving.engine import BaseChangedError, EngineNotReadyError, RequestCancelledError
 from app.serving.scheduler import QueueFullError, SchedulerClosedError
 
 router = APIRouter(tags=["inference"])
@@ -283,9 +283,16 @@ def _completion_prompts(body: CompletionCreate, tokenizer) -> list[list[int]]:
 # ---------------------------------------------------------------------------------- running
 
 
-def _submit(engine, tenant_id: str, requests: list, fingerprint: str, stream: bool):
+def credential(request: Request) -> str | None:
+    """What `ServingEngine.cancel_key` matches on: the sha256 of the caller's API key."""
+    token = bearer_token(request)
+    return hash_key(token) if token else None
+
+
+def _submit(engine, request: Request, tenant_id: str, requests: list, fingerprint: str, stream: bool):
     try:
-        return engine.submit_generation(tenant_id, requests, fingerprint=fingerprint, stream=stream)
+        return engine.submit_generation(tenant_id, requests, fingerprint=fingerprint, stream=stream,
+                                        key=credential(request))
     except QueueFullError as e:
         raise APIError(429, f"The server is at capacity ({e.queued} requests queued, limit {e.limit}); "
                             f"retry after {e.retry_after_s} s", type="rate_limit_error", code="server_busy",
@@ -295,6 +302,8 @@ def _submit(engine, tenant_id: str, requests: list, fingerprint: str, stream: bo
 
 
 def _engine_error(exc: BaseException) -> APIError:
+    if isinstance(exc, RequestCancelledError):
+        return APIError(403, f"The request was cancelled: {exc}", type="permission_error", code="request_cancelled")
     if isinstance(exc, BaseChangedError):
         return APIError(409, str(exc) + "; send the request again", code="base_changed")
     if isinstance(exc, (EngineNotReadyError, SchedulerClosedError)):
@@ -441,7 +450,7 @@ async def create_completion(body: CompletionCreate, request: Request, tenant: Te
     session.close()  # release the connection for the duration of generation
     n = body.n or 1
     requests = _gen_requests(prompts, resolved, body, max_tokens, body.logprobs)
-    handle = _submit(engine, tenant.id, requests, resolved.served.fingerprint, bool(body.stream))
+    handle = _submit(engine, request, tenant.id, requests, resolved.served.fingerprint, bool(body.stream))
     cid, created, model = _new_id("cmpl"), int(time.time()), body.model
     prompt_lens = [len(p) for p in prompts]
 
@@ -514,7 +523,7 @@ async def create_chat_completion(body: ChatCompletionCreate, request: Request, t
     n = body.n or 1
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     requests = _gen_requests([ids], resolved, body, max_tokens, logprobs)
-    handle = _submit(engine, tenant.id, requests, resolved.served.fingerprint, bool(body.stream))
+    handle = _submit(engine, request, tenant.id, requests, resolved.served.fingerprint, bool(body.stream))
     cid, created, model = _new_id("chatcmpl"), int(time.time()), body.model
 
     if body.stream:
@@ -587,7 +596,8 @@ async def classify(body: ClassifyCreate, request: Request, tenant: TenantDep, se
         return ml_classify(base, ids, label_ids, prefix)
 
     try:
-        scored = await engine.run_call(tenant.id, run, fingerprint=resolved.served.fingerprint)
+        scored = await engine.run_call(tenant.id, run, fingerprint=resolved.served.fingerprint,
+                                       key=credential(request))
     except QueueFullError as e:
         raise APIError(429, f"The server is at capacity ({e.queued} requests queued); retry after "
                             f"{e.retry_after_s} s", type="rate_limit_error", code="server_busy",

@@ -34,7 +34,7 @@ from app.serving.scheduler import FairScheduler, QueueFullError, SchedulerClosed
 log = logging.getLogger("prefixd.serving")
 
 __all__ = [
-    "ServingEngine", "RequestHandle", "ServedBase", "BaseChangedError", "EngineNotReadyError",
+    "ServingEngine", "RequestHandle", "ServedBase", "BaseChangedError", "EngineNotReadyError", "RequestCancelledError",
     "QueueFullError", "SchedulerClosedError",
 ]
 
@@ -45,6 +45,10 @@ class BaseChangedError(Exception):
 
 class EngineNotReadyError(Exception):
     """No base is loaded yet."""
+
+
+class RequestCancelledError(Exception):
+    """The server cancelled the request (its tenant was suspended, its key revoked, ...)."""
 
 
 @dataclass
@@ -94,9 +98,13 @@ class RequestHandle:
             pass
 
     # asyncio side
-    def cancel(self) -> None:
+    def cancel(self, reason: str | None = None) -> None:
         for item in self.items:
-            item.cancel()
+            item.cancel(reason)
+
+    @property
+    def cancel_reason(self) -> str | None:
+        return next((item.cancel_reason for item in self.items if item.cancel_reason), None)
 
     @property
     def cancelled(self) -> bool:
@@ -145,7 +153,7 @@ class ServingEngine:
         self.settings = settings
         self.max_batch_size = settings.max_batch_size
         self.window_s = settings.batch_window_ms / 1000.0
-        self.scheduler = FairScheduler(settings.max_queued_requests)
+        self.scheduler = FairScheduler(settings.max_queued_requests, on_drop=self._dropped)
         self.cache: AdapterCache[CachedPrefix] = AdapterCache(
             settings.adapter_cache_size, on_hit=metrics.cache_hit, on_miss=metrics.cache_miss
         )
@@ -296,7 +304,8 @@ class ServingEngine:
 
     # -- submission (called from the event loop) ---------------------------------------------
     def submit_generation(
-        self, tenant_id: str, requests: list, *, fingerprint: str | None = None, stream: bool = False
+        self, tenant_id: str, requests: list, *, fingerprint: str | None = None, stream: bool = False,
+        key: str | None = None,
     ) -> RequestHandle:
         """Queue one row per GenerationRequest (the choices of one API request).
 
@@ -305,18 +314,19 @@ class ServingEngine:
         fp = served.fingerprint if fingerprint is None else fingerprint
         handle = RequestHandle(asyncio.get_running_loop(), len(requests), stream)
         handle.items = [
-            WorkItem(tenant_id, _Generate(req, fp), kind="generate", handle=handle, index=i)
+            WorkItem(tenant_id, _Generate(req, fp), kind="generate", handle=handle, index=i, key=key)
             for i, req in enumerate(requests)
         ]
         self._submit(handle.items)
         return handle
 
-    async def run_call(self, tenant_id: str, fn: Callable[[Any], Any], *, fingerprint: str | None = None):
+    async def run_call(self, tenant_id: str, fn: Callable[[Any], Any], *, fingerprint: str | None = None,
+                       key: str | None = None):
         """Run `fn(base)` on the scheduler thread, in fair turn with generation (e.g. scoring)."""
         served = self.require_served()
         fp = served.fingerprint if fingerprint is None else fingerprint
         handle = RequestHandle(asyncio.get_running_loop(), 1, False)
-        handle.items = [WorkItem(tenant_id, _Call(fn, fp), kind="call", handle=handle)]
+        handle.items = [WorkItem(tenant_id, _Call(fn, fp), kind="call", handle=handle, key=key)]
         self._submit(handle.items)
         try:
             return (await handle.results())[0]
@@ -332,18 +342,28 @@ class ServingEngine:
             raise
         metrics.queue_depth(len(self.scheduler))
 
-    def cancel_tenant(self, tenant_id: str) -> int:
-        """Cancel every queued and running row of a tenant (suspension, key revocation)."""
+    def cancel_matching(self, *, tenant_id: str | None = None, key: str | None = None,
+                        reason: str = "the request was cancelled by the server") -> int:
+        """Cancel every queued and running row of a tenant (suspension, deletion) or of one
+        credential (key revocation). Their requests fail with RequestCancelledError. Returns how many."""
+        if tenant_id is None and key is None:
+            return 0
         n = 0
-        for item in list(self.last_batch):
-            if item.tenant_id == tenant_id:
-                item.cancel()
-                n += 1
-        with self.scheduler._cond:  # noqa: SLF001 - same package
-            for item in self.scheduler._queues.get(tenant_id, ()):  # noqa: SLF001
-                item.cancel()
+        for item in list(self.last_batch) + self.scheduler.queued_items():
+            if (tenant_id is None or item.tenant_id == tenant_id) and (key is None or item.key == key):
+                item.cancel(reason)
                 n += 1
         return n
+
+    def cancel_tenant(self, tenant_id: str, reason: str = "the tenant was suspended") -> int:
+        return self.cancel_matching(tenant_id=tenant_id, reason=reason)
+
+    def cancel_key(self, key: str, reason: str = "the API key was revoked") -> int:
+        return self.cancel_matching(key=key, reason=reason)
+
+    def _dropped(self, item: WorkItem) -> None:
+        """A cancelled row left the queue without running: tell its waiter (if any)."""
+        item.handle.emit(("error", item.index, RequestCancelledError(item.cancel_reason or "cancelled")))
 
     # -- the scheduler thread ----------------------------------------------------------------
     def _loop(self) -> None:
@@ -378,7 +398,7 @@ class ServingEngine:
             self._run_generation(served, gens)
         for item in calls:
             if item.cancelled:
-                item.handle.emit(("error", item.index, asyncio.CancelledError()))
+                item.handle.emit(("error", item.index, RequestCancelledError(item.cancel_reason or "cancelled")))
                 continue
             try:
                 item.handle.emit(("done", item.index, item.payload.fn(served.base)))
@@ -412,4 +432,7 @@ class ServingEngine:
         tokens = sum(int(getattr(r, "completion_tokens", 0) or 0) for r in results)
         metrics.tokens(tokens, elapsed)
         for item, result in zip(gens, results):
-            item.handle.emit(("done", item.index, result))
+            if item.cancel_reason:
+                item.handle.emit(("error", item.index, RequestCancelledError(item.cancel_reason)))
+            else:
+                item.handle.emit(("done", item.index, result))

@@ -43,6 +43,8 @@ class WorkItem:
     kind: str = "generate"  # generate | call
     handle: Any = None  # the request this row belongs to (engine-defined)
     index: int = 0  # choice index within the request
+    key: str | None = None  # which credential submitted it (e.g. the API key's hash), for revocation
+    cancel_reason: str | None = None  # set when the server (not the client) cancelled it
     enqueued_at: float = field(default_factory=time.monotonic)
     cancel_event: threading.Event = field(default_factory=threading.Event)
 
@@ -50,13 +52,18 @@ class WorkItem:
     def cancelled(self) -> bool:
         return self.cancel_event.is_set()
 
-    def cancel(self) -> None:
+    def cancel(self, reason: str | None = None) -> None:
+        if reason and self.cancel_reason is None:
+            self.cancel_reason = reason
         self.cancel_event.set()
 
 
 class FairScheduler:
-    def __init__(self, max_queued: int):
+    def __init__(self, max_queued: int, on_drop=None):
+        """`on_drop(item)` is called (under the lock; keep it quick) for each cancelled item that
+        `take` drops, so its waiter can be told."""
         self.max_queued = max_queued
+        self._on_drop = on_drop
         self._queues: dict[str, deque[WorkItem]] = {}
         self._active: deque[str] = deque()  # tenants with queued items, in round-robin order
         self._size = 0
@@ -105,6 +112,8 @@ class FairScheduler:
             else:
                 del self._queues[tenant]
             if item.cancelled:
+                if self._on_drop is not None:
+                    self._on_drop(item)
                 continue
             batch.append(item)
         return batch
@@ -135,6 +144,10 @@ class FairScheduler:
                         return batch
                     continue  # everything queued had been cancelled
                 self._cond.wait(wait)
+
+    def queued_items(self) -> list[WorkItem]:
+        with self._cond:
+            return [item for q in self._queues.values() for item in q]
 
     def drain(self) -> list[WorkItem]:
         with self._cond:

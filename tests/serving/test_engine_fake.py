@@ -191,3 +191,23 @@ def test_not_ready_before_load_and_load_error_reported():
     e.wait_ready(5)
     assert not e.ready and "no such dir" in e.error
     e.stop()
+
+
+def test_cancel_key_fails_queued_and_running_rows_of_that_key_only():
+    from app.serving.engine import RequestCancelledError
+
+    e, base = make_engine(max_batch_size=1)
+
+    async def main():
+        running = e.submit_generation("A", [Req([1], max_tokens=400, tag="r")], key="k1")
+        await asyncio.sleep(0.2)  # now running
+        queued = e.submit_generation("A", [Req([1], tag="q")], key="k1")
+        other = e.submit_generation("A", [Req([1], tag="o")], key="k2")
+        assert e.cancel_key("k1") == 2
+        for h in (running, queued):
+            with pytest.raises(RequestCancelledError, match="revoked"):
+                await asyncio.wait_for(h.results(), 5)
+        assert (await asyncio.wait_for(other.results(), 5))[0].finish_reason == "length"
+
+    asyncio.run(main())
+    e.stop()

@@ -1,0 +1,89 @@
+"""app.bases: slugs, register/materialize round trip, and the first-start default base."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from app import bases
+from app.config import Settings
+from app.store.blobs import LocalBlobStore
+from app.store.db import init_db, make_engine, make_session_factory
+from app.store.models import ModelRecord
+
+
+@pytest.fixture
+def store(tmp_path):
+    settings = Settings(data_dir=tmp_path / "data")
+    settings.data_dir.mkdir()
+    engine = make_engine(settings.resolved_database_url)
+    init_db(engine)
+    factory = make_session_factory(engine)
+    yield settings, factory, LocalBlobStore(tmp_path / "blobs")
+    engine.dispose()
+
+
+def test_slugify():
+    assert bases.slugify("Llama-3.2_1B Instruct") == "llama-3-2-1b-instruct"
+    assert bases.slugify("///") == "base"
+    assert bases.is_slug("gpt2") and not bases.is_slug("Bad_Slug") and not bases.is_slug("-x")
+
+
+def test_register_then_materialize_elsewhere(store, tiny_base_dirs, tmp_path):
+    settings, factory, blobs = store
+    src = tmp_path / "src"
+    shutil.copytree(tiny_base_dirs["gpt2"], src)
+    with factory() as s:
+        rec = bases.register_base(s, blobs, src, "my-base", owner_tenant_id=None)
+        s.commit()
+        assert rec.kind == "base" and rec.tenant_id is None and rec.fingerprint.startswith("sha256:")
+    assert blobs.exists("bases/my-base/_manifest.json")
+    with pytest.raises(ValueError):
+        with factory() as s:
+            bases.register_base(s, blobs, src, "Not A Slug")
+    shutil.rmtree(src)  # another machine: the registered directory is not there
+    with factory() as s:
+        rec = s.get(ModelRecord, "my-base")
+        out = bases.materialize_base(settings, blobs, rec)
+        assert out == settings.data_dir.resolve() / "models" / "my-base"
+        assert (out / "config.json").is_file()
+        assert bases.materialize_base(settings, blobs, rec) == out  # once
+        from app.ml.base import load_base
+
+        assert load_base(str(out)).fingerprint == rec.fingerprint
+
+
+def test_default_base_is_built_once_and_registered(store, tiny_base_dirs, monkeypatch):
+    settings, factory, blobs = store
+    calls = []
+
+    def fake_build(out_dir, seed=0, callbacks=None, config=None):
+        calls.append(out_dir)
+        shutil.copytree(tiny_base_dirs["llama"], out_dir, dirs_exist_ok=True)
+
+    import app.ml.base
+
+    monkeypatch.setattr(app.ml.base, "build_default_base", fake_build)
+    with factory() as s:
+        rec = bases.ensure_default_base(settings, s, blobs)
+        assert rec.id == "default" and rec.kind == "base" and rec.tenant_id is None
+    assert (settings.data_dir / "models" / "default" / "config.json").is_file()
+    with factory() as s:
+        assert bases.ensure_default_base(settings, s, blobs).id == "default"
+    assert len(calls) == 1
+    # a fresh replica (new DATA_DIR, same database and storage) fetches it instead of building
+    shutil.rmtree(settings.data_dir / "models")
+    with factory() as s:
+        bases.ensure_default_base(settings, s, blobs)
+    assert len(calls) == 1 and (settings.data_dir / "models" / "default" / "config.json").is_file()
+
+
+def test_base_model_env_is_registered_under_its_slug(store, tiny_base_dirs):
+    settings, factory, blobs = store
+    s2 = settings.model_copy(update={"base_model": Path(tiny_base_dirs["qwen2"])})
+    with factory() as s:
+        rec = bases.ensure_default_base(s2, s, blobs)
+        assert rec.id == "qwen2" and rec.details["local_path"] == str(Path(tiny_base_dirs["qwen2"]).resolve())
+    bad = settings.model_copy(update={"base_model": settings.data_dir / "missing"})
+    with factory() as s, pytest.raises(FileNotFoundError):
+        bases.ensure_default_base(bad, s, blobs)
