@@ -13,8 +13,9 @@ from fastapi import APIRouter, Query, Request
 from sqlalchemy import delete, func, select
 
 from app.api.deps import AdminDep, BlobsDep, SessionDep, hash_key, new_api_key
-from app.api.errors import not_found
+from app.api.errors import bad_request, is_valid_id, not_found
 from app.api.schemas import (
+    QUOTA_KEYS,
     ApiKeyCreated, ApiKeyDeleted, ApiKeyList, ApiKeyPublic, TenantCreate, TenantCreated, TenantDeleted,
     TenantList, TenantPublic, TenantUpdate,
 )
@@ -44,7 +45,7 @@ def _public(t: Tenant, usage: dict | None = None) -> TenantPublic:
 
 
 def _get_tenant(session, tenant_id: str) -> Tenant:
-    t = session.get(Tenant, tenant_id)
+    t = session.get(Tenant, tenant_id) if is_valid_id(tenant_id) else None
     if t is None:
         raise not_found("tenant", tenant_id, param="tenant_id")
     return t
@@ -68,6 +69,8 @@ def list_tenants(_: AdminDep, session: SessionDep, after: str | None = None,
                  limit: int = Query(default=100, ge=1, le=1000)) -> TenantList:
     q = select(Tenant).order_by(Tenant.id)
     if after:
+        if not is_valid_id(after):
+            raise bad_request("invalid cursor 'after'", param="after")
         q = q.where(Tenant.id > after)
     rows = session.scalars(q.limit(limit + 1)).all()
     return TenantList(data=[_public(t) for t in rows[:limit]], has_more=len(rows) > limit)
@@ -92,10 +95,10 @@ def update_tenant(tenant_id: str, body: TenantUpdate, _: AdminDep, session: Sess
                                                          Job.status.in_(("validating_files", "queued", "running")))):
                 job.cancel_requested = True
     if body.quotas is not None:
-        from app.api.errors import bad_request
-
         quotas = dict(t.quotas or {})
         for k, v in body.quotas.items():
+            if k not in QUOTA_KEYS:
+                raise bad_request(f"unknown quota {k!r}; known: {', '.join(QUOTA_KEYS)}", param=f"quotas.{k}")
             if v is None:
                 quotas.pop(k, None)
             elif v < 0:
@@ -167,7 +170,7 @@ def list_keys(tenant_id: str, _: AdminDep, session: SessionDep) -> ApiKeyList:
 @router.delete("/tenants/{tenant_id}/keys/{key_id}", response_model=ApiKeyDeleted)
 def revoke_key(tenant_id: str, key_id: str, _: AdminDep, session: SessionDep) -> ApiKeyDeleted:
     t = _get_tenant(session, tenant_id)
-    row = session.scalar(select(ApiKey).where(ApiKey.id == key_id, ApiKey.tenant_id == t.id))
+    row = session.scalar(select(ApiKey).where(ApiKey.id == key_id, ApiKey.tenant_id == t.id)) if is_valid_id(key_id) else None
     if row is None:
         raise not_found("key", key_id, param="key_id")
     if row.revoked_at is None:

@@ -10,6 +10,7 @@ request id, never with the request's headers or body).
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -65,6 +66,14 @@ class APIError(Exception):
         self.param = param
         self.code = code
         self.headers = headers
+
+
+_ID_RE = re.compile(r"^[A-Za-z0-9:._-]{1,255}$")
+
+
+def is_valid_id(value: str | None) -> bool:
+    """Ids the service issues are URL-safe; anything else (NUL bytes, slashes, 1 MB) names nothing."""
+    return isinstance(value, str) and bool(_ID_RE.match(value))
 
 
 # convenience constructors used across routers

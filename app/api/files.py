@@ -19,7 +19,7 @@ from fastapi.responses import StreamingResponse
 from sqlalchemy import and_, or_, select
 
 from app.api.deps import BlobsDep, SessionDep, SettingsDep, TenantDep
-from app.api.errors import APIError, bad_request, not_found
+from app.api.errors import APIError, bad_request, is_valid_id, not_found
 from app.api.schemas import FileDeleted, FileList, FileObject
 from app.store.models import File, Job, new_id
 from app.validation import detect_format, validate_dataset
@@ -28,6 +28,7 @@ log = logging.getLogger("prefixd.files")
 router = APIRouter(prefix="/v1/files", tags=["files"])
 
 UPLOAD_PURPOSES = ("fine-tune", "base-train")
+LIST_PURPOSES = ("fine-tune", "base-train", "fine-tune-results")  # results: CSVs written by jobs
 ACTIVE_JOB_STATUSES = ("validating_files", "queued", "running")
 
 
@@ -39,7 +40,7 @@ def file_object(f: File) -> FileObject:
 
 def get_tenant_file(session, tenant_id: str, file_id: str) -> File:
     """A tenant's file, or 404 (another tenant's file does not exist for this one)."""
-    f = session.scalar(select(File).where(File.id == file_id, File.tenant_id == tenant_id))
+    f = session.scalar(select(File).where(File.id == file_id, File.tenant_id == tenant_id)) if is_valid_id(file_id) else None
     if f is None:
         raise not_found("file", file_id, param="file_id")
     return f
@@ -176,10 +177,12 @@ def list_files(
 ) -> FileList:
     q = select(File).where(File.tenant_id == tenant.id)
     if purpose:
+        if purpose not in LIST_PURPOSES:
+            raise bad_request(f"purpose must be one of {', '.join(LIST_PURPOSES)}", param="purpose")
         q = q.where(File.purpose == purpose)
     desc = order == "desc"
     if after:
-        cur = session.scalar(select(File).where(File.id == after, File.tenant_id == tenant.id))
+        cur = session.scalar(select(File).where(File.id == after, File.tenant_id == tenant.id)) if is_valid_id(after) else None
         if cur is None:
             raise bad_request(f"No such file for cursor 'after': '{after}'", param="after")
         if desc:

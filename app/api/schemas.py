@@ -6,7 +6,7 @@ field is a 400 naming it.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -17,14 +17,22 @@ class StrictBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# printable text: no control characters (PostgreSQL refuses NUL; logs stay one line)
+Name = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")]
+
+
 # ---- tenants and keys (admin) ----
 
 class TenantCreate(StrictBody):
-    name: str = Field(min_length=1, max_length=200)
+    name: Name
+
+
+# per-tenant quota overrides the admin may set (defaults come from the settings); extend as quotas land
+QUOTA_KEYS = ("storage_bytes", "files", "adapters", "running_jobs", "requests_per_minute", "tokens_per_minute")
 
 
 class TenantUpdate(StrictBody):
-    name: str | None = Field(default=None, min_length=1, max_length=200)
+    name: Name | None = None
     suspended: bool | None = None
     quotas: dict[str, int | None] | None = None  # None value: back to the settings' default
 

@@ -106,6 +106,14 @@ def test_tenant_admin_lifecycle(embedded_service):
     svc.admin.patch(f"/v1/admin/tenants/{tid}", json={"suspended": False})
     assert c1.get("/v1/files").status_code == 200
     assert_envelope(svc.admin.patch(f"/v1/admin/tenants/{tid}", json={"bogus": 1}), 400, "bogus")
+    q = svc.admin.patch(f"/v1/admin/tenants/{tid}", json={"quotas": {"files": 5, "running_jobs": 1}}).json()
+    assert q["quotas"] == {"files": 5, "running_jobs": 1} and q["usage"]["files"] == 0
+    q = svc.admin.patch(f"/v1/admin/tenants/{tid}", json={"quotas": {"files": None}}).json()
+    assert q["quotas"] == {"running_jobs": 1}
+    assert_envelope(svc.admin.patch(f"/v1/admin/tenants/{tid}", json={"quotas": {"nope": 1}}), 400, "quotas.nope")
+    assert_envelope(svc.admin.patch(f"/v1/admin/tenants/{tid}", json={"quotas": {"files": -1}}), 400, "quotas.files")
+    assert_envelope(svc.admin.get("/v1/admin/tenants/bad%00id"), 404)
+    assert_envelope(svc.admin.post("/v1/admin/tenants", json={"name": "a\u0000b"}), 400, "name")
 
     # delete the tenant: files, blobs and keys go with it
     f = upload(c1, GOOD).json()
@@ -215,6 +223,8 @@ def test_other_tenants_files_are_404(embedded_service):
         assert "A" != err["message"]
     assert fa["id"] not in [f["id"] for f in b.client.get("/v1/files").json()["data"]]
     assert_envelope(b.client.get("/v1/files", params={"after": fa["id"]}), 400, "after")
+    assert_envelope(b.client.get("/v1/files", params={"purpose": "x\x00"}), 400, "purpose")
+    assert_envelope(b.client.get("/v1/files/a%00b"), 404)
     assert a.client.get(f"/v1/files/{fa['id']}").status_code == 200  # untouched
 
 
