@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
+import threading
 import uuid
 
 import pytest
@@ -35,13 +34,32 @@ def test_sqlite_head_matches_models(tmp_path):
     assert set(inspect(engine).get_table_names()) >= set(Base.metadata.tables)
 
 
+def concurrent_init(url: str, n: int = 3) -> None:
+    """n engines (as n processes would have) migrate at once; the locks make all but one wait."""
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(n)
+
+    def run():
+        engine = make_engine(url)
+        try:
+            barrier.wait()
+            init_db(engine)
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+        finally:
+            engine.dispose()
+
+    threads = [threading.Thread(target=run) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+
+
 def test_sqlite_concurrent_init(tmp_path):
     url = f"sqlite:///{tmp_path}/c.db"
-    code = f"from app.store.db import init_db, make_engine; init_db(make_engine({url!r}))"
-    procs = [subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE) for _ in range(2)]
-    for p in procs:
-        _, err = p.communicate(timeout=120)
-        assert p.returncode == 0, err.decode()[-2000:]
+    concurrent_init(url)
     assert _diff(make_engine(url)) == []
 
 
@@ -63,11 +81,7 @@ def pg_url():
 
 
 def test_postgres_concurrent_init_and_head_matches(pg_url):
-    code = f"from app.store.db import init_db, make_engine; init_db(make_engine({pg_url!r}))"
-    procs = [subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE) for _ in range(2)]
-    for p in procs:
-        _, err = p.communicate(timeout=120)
-        assert p.returncode == 0, err.decode()[-2000:]
+    concurrent_init(pg_url)
     engine = make_engine(pg_url)
     try:
         assert _diff(engine) == []
