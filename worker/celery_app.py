@@ -45,7 +45,10 @@ def make_celery(settings: Settings) -> Celery:
         result_backend=None,
         task_serializer="json",
         accept_content=["json"],
-        broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT_S, "polling_interval": 0.5},
+        # kombu's sqla transport hands its transport options to create_engine: give it none
+        broker_transport_options=(
+            {"visibility_timeout": VISIBILITY_TIMEOUT_S, "polling_interval": 0.5} if settings.redis_url else {}
+        ),
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
@@ -84,9 +87,27 @@ def _set_torch_threads(**_kw) -> None:
         pass
 
 
+def _preload(**_kw) -> None:
+    """Import the engine before the first job (tens of seconds on a busy CPU), not while a job
+    waits. Imports only: no model is loaded and CUDA is not touched."""
+    try:
+        import app.jobs.runner  # noqa: F401
+        import app.ml.adapter  # noqa: F401
+        import app.ml.base  # noqa: F401
+        import app.ml.evaluate  # noqa: F401
+        import app.ml.train  # noqa: F401
+    except Exception:
+        log.warning("preloading the engine failed; jobs import it on first use", exc_info=True)
+
+
+def _init_process(**kw) -> None:
+    _set_torch_threads(**kw)
+    _preload(**kw)
+
+
 # worker_init: the main process (solo pool runs tasks there); worker_process_init: each forked child
-signals.worker_init.connect(_set_torch_threads, weak=False)
-signals.worker_process_init.connect(_set_torch_threads, weak=False)
+signals.worker_init.connect(_init_process, weak=False)
+signals.worker_process_init.connect(_init_process, weak=False)
 
 _monitor = None
 

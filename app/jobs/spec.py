@@ -160,7 +160,7 @@ class SpecError(ValueError):
 def loc_to_param(loc) -> str | None:
     """Pydantic location -> dotted parameter path, without union branch tags."""
     loc = list(loc)
-    if loc and loc[0] == "body":
+    if loc and loc[0] in ("body", "query", "path", "header", "cookie"):
         loc = loc[1:]
     # a discriminated union repeats the tag: ('method', 'prefix', 'prefix', ...) -> method.prefix...
     if len(loc) >= 2 and loc[0] == "method" and loc[1] in ("prefix", "base", "supervised"):
