@@ -275,6 +275,23 @@ def test_cancel_stops_a_running_job(env):
     assert j.status == "cancelled" and j.fine_tuned_model is None
 
 
+def test_suspending_the_tenant_stops_its_job(env):
+    job = env.create({"model": "tiny", "training_file": env.add_file(rows=_dataset(200)), "method": {
+        "type": "prefix", "prefix": {"num_virtual_tokens": 4, "hyperparameters": {"n_epochs": 100, "batch_size": 2}}}})
+    out = {}
+    t = threading.Thread(target=lambda: out.setdefault("r", runner.run_job(job.id, env.ctx)))
+    t.start()
+    deadline = time.time() + 60
+    while time.time() < deadline and _job(env, job.id).status != "running":
+        time.sleep(0.1)
+    with env.sf() as s:
+        s.get(Tenant, "tenant-a").suspended = True
+        s.commit()
+    t.join(timeout=30)
+    assert not t.is_alive() and out["r"] == "failed"
+    assert _job(env, job.id).error["code"] == "tenant_suspended"
+
+
 class _Killed(BaseException):
     """Stands in for a worker process dying: nothing below `run_job` catches it."""
 

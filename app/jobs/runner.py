@@ -68,9 +68,11 @@ def run_job(job_id: str, ctx: JobContext | None = None) -> str:
             log.warning("run_job: no job %s", job_id)
             return "missing"
         if job.status == state.QUEUED and _at_running_quota(s, job, settings):
+            from app.jobs.monitor import send
+
             delay = max(1.0, settings.job_monitor_interval_s * 2)
             log.info("job %s waits: tenant %s is at its running-jobs quota", job_id, job.tenant_id)
-            ctx.send(job_id, delay)
+            send(ctx, job_id, delay)
             return "deferred"
         if not state.claim_job(s, job_id, worker_id, settings.job_stale_after_s):
             log.info("job %s not claimed (status %s): another delivery or not runnable", job_id, job.status)
@@ -224,6 +226,7 @@ class JobCallbacks(TrainingCallbacks):
         self._last_metrics_step = -1
         self._last_write = 0.0
         self.last_progress: Progress | None = None
+        self.stop_reason: str | None = None
 
     def should_stop(self) -> bool:
         if self.run.lost.is_set():
@@ -263,6 +266,11 @@ class JobCallbacks(TrainingCallbacks):
         pass  # the next metrics event carries valid_loss
 
     def on_checkpoint(self, step: int, metrics: dict) -> None:
+        # A worker that lost the job (requeued after a stall) must not touch the new holder's
+        # checkpoint blobs: prove ownership first.
+        self.run.update()
+        if self.run.lost.is_set():
+            return
         path = Path(metrics.get("checkpoint_path", ""))
         blob_prefix = self.run.upload_checkpoint(path) if path.is_dir() else None
         clean = {k: _num(v) if isinstance(v, float) else v for k, v in metrics.items()
@@ -438,8 +446,7 @@ def run_prefix_job(run: JobRun) -> str:
         raise LostJob()
     trained = int(result.metrics.get("trained_tokens") or 0)
     if result.cancelled:
-        reason = getattr(callbacks, "stop_reason", "cancelled")
-        if reason == "suspended":
+        if callbacks.stop_reason == "suspended":
             raise JobFailure("tenant_suspended", "The job stopped because its tenant was suspended")
         return run.finish(state.CANCELLED, trained_tokens=trained)
 
@@ -581,7 +588,7 @@ def run_base_job(run: JobRun) -> str:
         raise LostJob()
     trained = int(result.metrics.get("trained_tokens") or 0) or None
     if result.cancelled:
-        if getattr(callbacks, "stop_reason", None) == "suspended":
+        if callbacks.stop_reason == "suspended":
             raise JobFailure("tenant_suspended", "The job stopped because its tenant was suspended")
         return run.finish(state.CANCELLED, trained_tokens=trained)
 
