@@ -42,6 +42,16 @@ def _load(path):
         )
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from threads, and spinning OpenMP threads on a shared CPU made
+    these tests several times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def bases(tiny_base_dirs):
     return {arch: _load(path) for arch, path in tiny_base_dirs.items()}
