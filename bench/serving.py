@@ -104,6 +104,17 @@ class Service:
         self.log.close()
 
 
+def _batch_metrics(url: str) -> dict:
+    """Batches run so far and their rows (from /metrics)."""
+    count = total = 0.0
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        if line.startswith("prefixd_batch_size_count"):
+            count = float(line.split()[-1])
+        elif line.startswith("prefixd_batch_size_sum"):
+            total = float(line.split()[-1])
+    return {"batches": int(count), "rows": total}
+
+
 async def _one(client: httpx.AsyncClient, body: dict) -> dict:
     r = await client.post("/v1/completions", json=body)
     r.raise_for_status()
@@ -126,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer tokens per request (CI)")
     ap.add_argument("--base", type=Path, default=None, help="a local HF causal-LM directory to serve")
     ap.add_argument("--max-tokens", type=int, default=None)
-    ap.add_argument("--threads", type=int, default=int(os.environ.get("TORCH_THREADS", "2")))
+    ap.add_argument("--threads", type=int, default=int(os.environ.get("TORCH_THREADS", "1")),
+                    help="torch threads of the API process (the service default is 1)")
     args = ap.parse_args(argv)
     max_tokens = args.max_tokens or (16 if args.quick else 48)
 
@@ -163,8 +175,13 @@ def main(argv: list[str] | None = None) -> int:
             log("warm-up")
             asyncio.run(_run(svc.url, key, bodies[:2], concurrent=True))
             log(f"{N_REQUESTS} concurrent requests over {len(adapters)} adapters")
+            before = _batch_metrics(svc.url)
             t_conc, out_conc = asyncio.run(_run(svc.url, key, bodies, concurrent=True))
             log(f"  {t_conc:.2f} s; the same {N_REQUESTS}, one after another")
+            after = _batch_metrics(svc.url)
+            n_batches = after["batches"] - before["batches"]
+            metrics_conc = {"batches": n_batches,
+                            "mean": round((after["rows"] - before["rows"]) / n_batches, 2) if n_batches else None}
             t_seq, out_seq = asyncio.run(_run(svc.url, key, bodies, concurrent=False))
             log(f"  {t_seq:.2f} s")
         finally:
@@ -186,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
         "concurrent_tokens_per_s": round(tokens_conc / t_conc, 1),
         "sequential_tokens_per_s": round(tokens_seq / t_seq, 1),
         "same_text_batched_and_alone": sum(same),
+        "batches_during_concurrent": metrics_conc["batches"],
+        "mean_batch_size_during_concurrent": metrics_conc["mean"],
         "concurrent_vs_sequential": round(t_seq / t_conc, 2),
         "target": 3.0,
     })
