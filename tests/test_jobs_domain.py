@@ -377,3 +377,30 @@ def test_pagination(env):
         assert e.value.param == "limit"
         with pytest.raises(SpecError):
             service.list_events(s, "tenant-b", ids[0], None, 10)
+
+
+def test_base_job_registers_a_tenant_base(env):
+    text = "\n\n".join(f"The {c} fox number {i} jumps over the lazy dog near the river bank."
+                       for i in range(40) for c in ("red", "blue"))
+    with env.sf() as s:
+        f = File(tenant_id="tenant-a", filename="corpus.txt", purpose="base-train", bytes=len(text),
+                 status="processed", blob_key="files/tenant-a/corpus")
+        s.add(f)
+        s.commit()
+        fid = f.id
+    env.blobs.put_bytes("files/tenant-a/corpus", text.encode())
+    job = env.create({"model": "scratch", "training_file": fid, "suffix": "mini", "method": {
+        "type": "base", "base": {"architecture": "llama", "size": "tiny", "hyperparameters": {"n_epochs": 1}}}})
+    assert runner.run_job(job.id, env.ctx) == "succeeded"
+    j = _job(env, job.id)
+    assert j.fine_tuned_model.startswith("mini-")
+    with env.sf() as s:
+        rec = s.get(ModelRecord, j.fine_tuned_model)
+        assert rec.kind == "base" and rec.tenant_id == "tenant-a" and rec.job_id == job.id
+    assert any(e.type == "metrics" for e in _events(env, job.id))
+    # prefix jobs may target it; another tenant cannot see it
+    ok = env.create({"model": j.fine_tuned_model, "training_file": env.add_file()})
+    assert ok.status == "queued"
+    with pytest.raises(SpecError) as e:
+        env.create({"model": j.fine_tuned_model, "training_file": env.add_file(tenant="tenant-b")}, "tenant-b")
+    assert e.value.status_code == 404 and e.value.param == "model"
