@@ -6,8 +6,10 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import threading
 import time
+import uuid
 
 import pytest
 from sqlalchemy import select
@@ -31,14 +33,38 @@ def _dataset(n: int = 60) -> list[dict]:
     return rows
 
 
+PG_ADMIN_DSN = os.environ.get("PREFIXD_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
 @pytest.fixture()
-def env(tmp_path, tiny_base_dirs):
+def database_url(request, tmp_path):
+    """SQLite by default; tests parametrised with `env` = "postgresql" get a fresh database."""
+    if getattr(request, "param", "sqlite") == "sqlite":
+        yield None
+        return
+    import psycopg
+
+    try:
+        admin = psycopg.connect(PG_ADMIN_DSN, autocommit=True, connect_timeout=3)
+    except Exception as e:  # noqa: BLE001
+        pytest.skip(f"PostgreSQL not reachable: {e}")
+    name = f"prefixd_jobs_{uuid.uuid4().hex[:10]}"
+    admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield PG_ADMIN_DSN.rsplit("/", 1)[0] + "/" + name
+    finally:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+
+
+@pytest.fixture()
+def env(tmp_path, tiny_base_dirs, database_url):
     from app.bases import register_base
     from app.store.blobs import LocalBlobStore
     from app.store.db import init_db, make_engine, make_session_factory
 
     settings = Settings(data_dir=tmp_path, job_heartbeat_s=0.2, job_stale_after_s=1.0,
-                        max_running_jobs_per_tenant=0)
+                        max_running_jobs_per_tenant=0, database_url=database_url)
     engine = make_engine(settings.resolved_database_url)
     init_db(engine)
     sf = make_session_factory(engine)
@@ -150,6 +176,7 @@ def test_create_checks_references(env):
     assert view["object"] == "fine_tuning.job" and view["error"] is None and view["result_files"] == []
 
 
+@pytest.mark.parametrize("database_url", ["sqlite", "postgresql"], indirect=True)
 def test_waits_for_file_validation(env):
     pending = env.add_file(status="uploaded")
     job = env.create({"model": "tiny", "training_file": pending})
@@ -174,6 +201,7 @@ def test_waits_for_file_validation(env):
 # ----------------------------------------------------------------------------- state machine
 
 
+@pytest.mark.parametrize("database_url", ["sqlite", "postgresql"], indirect=True)
 def test_claim_is_compare_and_set(env):
     job = env.create({"model": "tiny", "training_file": env.add_file()})
     with env.sf() as s:
@@ -186,6 +214,7 @@ def test_claim_is_compare_and_set(env):
     assert _job(env, job.id).worker_id == "w1"
 
 
+@pytest.mark.parametrize("database_url", ["sqlite", "postgresql"], indirect=True)
 def test_cancel_queued_is_immediate(env):
     job = env.create({"model": "tiny", "training_file": env.add_file()})
     with env.sf() as s:
@@ -198,6 +227,7 @@ def test_cancel_queued_is_immediate(env):
     assert runner.run_job(job.id, env.ctx) == "skipped"
 
 
+@pytest.mark.parametrize("database_url", ["sqlite", "postgresql"], indirect=True)
 def test_stale_heartbeat_requeues(env):
     job = env.create({"model": "tiny", "training_file": env.add_file()})
     with env.sf() as s:
@@ -252,6 +282,7 @@ def test_run_prefix_job_end_to_end(env):
     assert env.blobs.list(f"checkpoints/tenant-a/{job.id}/") == []
 
 
+@pytest.mark.parametrize("database_url", ["sqlite", "postgresql"], indirect=True)
 def test_cancel_stops_a_running_job(env):
     body = {"model": "tiny", "training_file": env.add_file(rows=_dataset(200)),
             "method": {"type": "prefix", "prefix": {"num_virtual_tokens": 4,
@@ -354,6 +385,7 @@ def test_running_quota_defers(env):
     assert env.sent == [b.id] and _job(env, b.id).status == "queued"
 
 
+@pytest.mark.parametrize("database_url", ["sqlite", "postgresql"], indirect=True)
 def test_pagination(env):
     fid = env.add_file()
     ids = [env.create({"model": "tiny", "training_file": fid}).id for _ in range(5)]
