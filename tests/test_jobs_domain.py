@@ -125,7 +125,8 @@ def _job(env, job_id) -> Job:
      "method.prefix.hyperparameters.batch_size"),
     ({"method": {"type": "prefix", "prefix": {"num_virtual_tokens": 513}}}, "method.prefix.num_virtual_tokens"),
     ({"method": {"type": "prefix", "prefix": {"typo": 1}}}, "method.prefix.typo"),
-    ({"method": {"type": "prefix", "prefix": {"init": "text"}}}, "method.prefix.init_text"),
+    ({"method": {"type": "prefix", "prefix": {"init_text": "hello"}}}, "method.prefix.init_text"),
+    ({"method": {"type": "prefix", "prefix": {"init": "adapter"}}}, "method.prefix.init_adapter"),
     ({"method": {"type": "base", "base": {"hyperparameters": {"learning_rate": -1}}}},
      "method.base.hyperparameters.learning_rate"),
     ({"method": {"type": "lora"}}, "method"),
@@ -280,6 +281,19 @@ def test_run_prefix_job_end_to_end(env):
     assert events[-1].message == "The job has successfully completed"
     # checkpoint blobs are cleaned up after success
     assert env.blobs.list(f"checkpoints/tenant-a/{job.id}/") == []
+
+    # a second job continues from this adapter (init 'adapter'), with a longer prefix
+    job2 = env.create({"model": "tiny", "training_file": env.add_file(rows=_dataset(20)), "method": {
+        "type": "prefix", "prefix": {"init": "adapter", "init_adapter": j.fine_tuned_model, "num_virtual_tokens": 6,
+                                     "hyperparameters": {"n_epochs": 1, "batch_size": 16}}}})
+    assert runner.run_job(job2.id, env.ctx) == "succeeded"
+    j2 = _job(env, job2.id)
+    assert j2.method["prefix"]["init"] == "adapter" and j2.method["prefix"]["num_virtual_tokens"] == 6
+    # another tenant cannot start from it
+    with pytest.raises(SpecError) as e:
+        env.create({"model": "tiny", "training_file": env.add_file(tenant="tenant-b"), "method": {
+            "type": "prefix", "prefix": {"init": "adapter", "init_adapter": j.fine_tuned_model}}}, "tenant-b")
+    assert e.value.status_code == 404 and e.value.param == "method.prefix.init_adapter"
 
 
 @pytest.mark.parametrize("database_url", ["sqlite", "postgresql"], indirect=True)

@@ -171,8 +171,8 @@ class JobRun:
             state.add_event(s, self.job_id, msg, tenant_id=self.tenant_id,
                             level="error" if status == state.FAILED else "info")
             s.commit()
-        if status != state.CANCELLED:
-            self.cleanup_checkpoints(remove_blobs=status == state.SUCCEEDED)
+        # a finished job (any outcome) is never resumed: its checkpoint files go
+        self.cleanup_checkpoints(remove_blobs=True)
         return status
 
     # -- checkpoints: local dir <-> blobs

@@ -78,7 +78,9 @@ class PrefixSpec(_Strict):
     projection_hidden_size: Annotated[int, Field(ge=1, le=MAX_PROJECTION_HIDDEN)] | None = None
     init: Literal["random", "text", "adapter"] | None = Field(
         None, description="random | text (activations of init_text) | adapter (continue init_adapter).")
-    init_text: Annotated[str, Field(min_length=1, max_length=MAX_INIT_TEXT_CHARS)] | None = None
+    init_text: Annotated[str, Field(min_length=1, max_length=MAX_INIT_TEXT_CHARS)] | None = Field(
+        None, description="init 'text': the text whose activations start the prefix. Default: the first "
+                          "training example.")
     init_adapter: Annotated[str, Field(min_length=1, max_length=255, pattern=ID_RE)] | None = Field(
         None, description="Id of one of your adapters trained on the same base.")
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
@@ -244,8 +246,6 @@ def check_limits(method: dict, settings: Settings) -> None:
         raise SpecError(f"num_virtual_tokens must be at most {settings.max_num_virtual_tokens} "
                         f"(settings.max_num_virtual_tokens), got {p}", f"{where}.num_virtual_tokens")
     init = spec.get("init")
-    if init == "text" and not spec.get("init_text"):
-        raise SpecError("init 'text' needs init_text", f"{where}.init_text")
     if init == "adapter" and not spec.get("init_adapter"):
         raise SpecError("init 'adapter' needs init_adapter", f"{where}.init_adapter")
     if spec.get("init_text") is not None and init != "text":
