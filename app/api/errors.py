@@ -68,7 +68,8 @@ class APIError(Exception):
         self.headers = headers
 
 
-_ID_RE = re.compile(r"^[A-Za-z0-9:._-]{1,255}$")
+ID_PATTERN = r"^[A-Za-z0-9:._-]{1,255}$"
+_ID_RE = re.compile(ID_PATTERN)
 
 
 def is_valid_id(value: str | None) -> bool:
@@ -151,6 +152,33 @@ _HTTP_MESSAGES = {
 }
 
 
+def _path_table(app) -> list[tuple[re.Pattern, list[str]]]:
+    table = getattr(app.state, "_allow_table", None)
+    if table is None:
+        table = []
+        for template, ops in app.openapi().get("paths", {}).items():
+            rx = re.escape(template)
+            rx = re.sub(r"\\\{[^/]+?:path\\\}", ".+", rx)
+            rx = re.sub(r"\\\{[^/]+?\\\}", "[^/]+", rx)
+            methods = sorted(m.upper() for m in ops if m.lower() in
+                             ("get", "put", "post", "delete", "patch", "head", "options", "trace"))
+            table.append((re.compile(f"^{rx}$"), methods))
+        app.state._allow_table = table
+    return table
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every documented method on this path (Starlette's own Allow names only the first route's)."""
+    methods: set[str] = set()
+    try:
+        for rx, ms in _path_table(request.app):
+            if rx.match(request.url.path):
+                methods.update(ms)
+    except Exception:  # noqa: BLE001 - never fail an error response
+        return []
+    return sorted(methods)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
@@ -164,6 +192,9 @@ def install_error_handlers(app: FastAPI) -> None:
             message = f"Unknown route: {request.method} {request.url.path}"
         elif status == 405:
             message = f"Method {request.method} not allowed on {request.url.path}"
+            allowed = allowed_methods(request)
+            if allowed:
+                return error_response(405, message, headers={"Allow": ", ".join(allowed)})
         else:
             message = detail or _HTTP_MESSAGES.get(status, "Error")
         return error_response(status, message, headers=getattr(exc, "headers", None))

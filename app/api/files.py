@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, BackgroundTasks, Form, Query, Request, UploadFile
 from fastapi import File as FileParam
@@ -19,7 +19,7 @@ from fastapi.responses import StreamingResponse
 from sqlalchemy import and_, or_, select
 
 from app.api.deps import BlobsDep, SessionDep, SettingsDep, TenantDep
-from app.api.errors import APIError, bad_request, is_valid_id, not_found
+from app.api.errors import ID_PATTERN, APIError, bad_request, is_valid_id, not_found
 from app.api.schemas import FileDeleted, FileList, FileObject
 from app.store.models import File, Job, new_id
 from app.validation import detect_format, validate_dataset
@@ -29,6 +29,8 @@ router = APIRouter(prefix="/v1/files", tags=["files"])
 
 UPLOAD_PURPOSES = ("fine-tune", "base-train")
 LIST_PURPOSES = ("fine-tune", "base-train", "fine-tune-results")  # results: CSVs written by jobs
+UploadPurpose = Literal["fine-tune", "base-train"]
+ListPurpose = Literal["fine-tune", "base-train", "fine-tune-results"]
 ACTIVE_JOB_STATUSES = ("validating_files", "queued", "running")
 
 
@@ -138,10 +140,8 @@ def upload_file(
     settings: SettingsDep,
     background: BackgroundTasks,
     file: Annotated[UploadFile, FileParam(description="the dataset")],
-    purpose: Annotated[str, Form(description="fine-tune | base-train")],
+    purpose: Annotated[UploadPurpose, Form(description="fine-tune (JSONL) or base-train (.txt or JSONL of text)")],
 ) -> FileObject:
-    if purpose not in UPLOAD_PURPOSES:
-        raise bad_request(f"purpose must be one of {', '.join(UPLOAD_PURPOSES)}", param="purpose")
     fh = file.file
     fh.seek(0, os.SEEK_END)
     size = fh.tell()
@@ -149,8 +149,6 @@ def upload_file(
     if size > settings.max_upload_bytes:
         raise APIError(413, f"File too large: {size} bytes (limit {settings.max_upload_bytes})",
                        param="file", code="file_too_large")
-    if size == 0:
-        raise bad_request("The file is empty", param="file")
     file_id = new_id("file")
     key = f"files/{tenant.id}/{file_id}"
     blobs.put_stream(key, fh)
@@ -170,21 +168,20 @@ def upload_file(
 def list_files(
     tenant: TenantDep,
     session: SessionDep,
-    purpose: str | None = None,
-    after: str | None = Query(default=None, description="cursor: the last file id of the previous page"),
+    purpose: ListPurpose | None = None,
+    after: str | None = Query(default=None, pattern=ID_PATTERN,
+                              description="cursor: the last file id of the previous page"),
     limit: int = Query(default=10000, ge=1, le=10000),
     order: str = Query(default="desc", pattern="^(asc|desc)$"),
 ) -> FileList:
     q = select(File).where(File.tenant_id == tenant.id)
     if purpose:
-        if purpose not in LIST_PURPOSES:
-            raise bad_request(f"purpose must be one of {', '.join(LIST_PURPOSES)}", param="purpose")
         q = q.where(File.purpose == purpose)
     desc = order == "desc"
     if after:
         cur = session.scalar(select(File).where(File.id == after, File.tenant_id == tenant.id)) if is_valid_id(after) else None
         if cur is None:
-            raise bad_request(f"No such file for cursor 'after': '{after}'", param="after")
+            raise not_found("file", after, param="after")
         if desc:
             q = q.where(or_(File.created_at < cur.created_at, and_(File.created_at == cur.created_at, File.id < cur.id)))
         else:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 
 from app.api.errors import ErrorDetail, ErrorResponse  # noqa: F401  (re-exported)
 
@@ -24,17 +25,41 @@ Name = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f
 # ---- tenants and keys (admin) ----
 
 class TenantCreate(StrictBody):
+    model_config = ConfigDict(extra="forbid", strict=True)
     name: Name
 
 
-# per-tenant quota overrides the admin may set (defaults come from the settings); extend as quotas land
-QUOTA_KEYS = ("storage_bytes", "files", "adapters", "running_jobs", "requests_per_minute", "tokens_per_minute")
+# a JSON integer (1.0 counts, as in JSON Schema; "1" and true do not: Quotas._numbers_only)
+QuotaValue = Annotated[int, Field(ge=0, le=10**15)]
+
+
+class Quotas(StrictBody):
+    """Per-tenant quota overrides (defaults come from the settings); null removes an override.
+    Extend as quotas land; the stored JSON keeps only the fields that were set."""
+
+    storage_bytes: QuotaValue | None = None
+    files: QuotaValue | None = None
+    adapters: QuotaValue | None = None
+    running_jobs: QuotaValue | None = None
+    requests_per_minute: QuotaValue | None = None
+    tokens_per_minute: QuotaValue | None = None
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _numbers_only(cls, v):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise PydanticCustomError("int_type", "Input should be a valid integer", {})
+        return v
+
+
+QUOTA_KEYS = tuple(Quotas.model_fields)
 
 
 class TenantUpdate(StrictBody):
+    model_config = ConfigDict(extra="forbid", strict=True)
     name: Name | None = None
     suspended: bool | None = None
-    quotas: dict[str, int | None] | None = None  # None value: back to the settings' default
+    quotas: Quotas | None = None
 
 
 class TenantPublic(BaseModel):

@@ -112,6 +112,8 @@ def test_tenant_admin_lifecycle(embedded_service):
     assert q["quotas"] == {"running_jobs": 1}
     assert_envelope(svc.admin.patch(f"/v1/admin/tenants/{tid}", json={"quotas": {"nope": 1}}), 400, "quotas.nope")
     assert_envelope(svc.admin.patch(f"/v1/admin/tenants/{tid}", json={"quotas": {"files": -1}}), 400, "quotas.files")
+    assert_envelope(svc.admin.patch(f"/v1/admin/tenants/{tid}", json={"quotas": {"files": "5"}}), 400, "quotas.files")
+    assert_envelope(svc.admin.patch(f"/v1/admin/tenants/{tid}", json={"suspended": "yes"}), 400, "suspended")
     assert_envelope(svc.admin.get("/v1/admin/tenants/bad%00id"), 404)
     assert_envelope(svc.admin.post("/v1/admin/tenants", json={"name": "a\u0000b"}), 400, "name")
 
@@ -142,7 +144,9 @@ def test_framework_errors_use_the_envelope(embedded_service):
     assert_envelope(c.get("/v1/nope"), 404)
     assert_envelope(c.get("/nope/at/all"), 404)
     assert_envelope(c.delete("/healthz"), 405)
-    assert_envelope(c.put("/v1/admin/tenants"), 405)
+    r = c.put("/v1/admin/tenants")
+    assert_envelope(r, 405)
+    assert r.headers["allow"] == "GET, POST"  # every method of the path, not just one route's
     # request ids: fresh when absent or invalid, echoed when valid
     r1, r2 = c.get("/healthz"), c.get("/healthz")
     assert r1.headers["x-request-id"] != r2.headers["x-request-id"]
@@ -185,7 +189,9 @@ def test_upload_validate_list_content_delete(embedded_service):
     assert_envelope(upload(t.client, GOOD, purpose="nope"), 400, "purpose")
     assert_envelope(t.client.post("/v1/files", data={"purpose": "fine-tune"}), 400, "file")
     assert_envelope(t.client.post("/v1/files", files={"file": ("a.jsonl", b"x")}), 400, "purpose")
-    assert_envelope(upload(t.client, b""), 400, "file")
+    empty = wait_file(t.client, upload(t.client, b"").json()["id"])
+    assert empty["status"] == "error" and "empty" in empty["status_details"]
+    t.client.delete(f"/v1/files/{empty['id']}")
 
     # content is the uploaded bytes
     r = t.client.get(f"/v1/files/{f['id']}/content")
@@ -222,7 +228,7 @@ def test_other_tenants_files_are_404(embedded_service):
         err = assert_envelope(b.client.request(method, path), 404)
         assert "A" != err["message"]
     assert fa["id"] not in [f["id"] for f in b.client.get("/v1/files").json()["data"]]
-    assert_envelope(b.client.get("/v1/files", params={"after": fa["id"]}), 400, "after")
+    assert_envelope(b.client.get("/v1/files", params={"after": fa["id"]}), 404, "after")
     assert_envelope(b.client.get("/v1/files", params={"purpose": "x\x00"}), 400, "purpose")
     assert_envelope(b.client.get("/v1/files/a%00b"), 404)
     assert a.client.get(f"/v1/files/{fa['id']}").status_code == 200  # untouched
