@@ -7,7 +7,8 @@ embedded mode, a fresh DATA_DIR), creates a tenant, imports 2 random prefix adap
 2. the same 24, one after another.
 It prints `concurrent_vs_sequential` = sequential wall time / concurrent wall time (target >= 3 on
 2 cores), and checks that each request's greedy text is the same both ways. The last stdout line
-is JSON.
+is JSON. The service runs with its own defaults (BATCH_WINDOW_MS, MAX_BATCH_SIZE, one torch
+thread) unless the environment sets them.
 
 The base: `--base DIR` (any local HF causal LM), else `DATA_DIR`'s default base if it exists,
 else an untrained model with the default base's shape (`PRESETS[("llama", "default")]`), which
@@ -74,7 +75,7 @@ class Service:
         self.admin = "sk-admin-bench"
         env = dict(os.environ, DATA_DIR=str(data_dir), BASE_MODEL=str(base_dir), ADMIN_API_KEY=self.admin,
                    OMP_NUM_THREADS=str(threads), TORCH_THREADS=str(threads), TOKENIZERS_PARALLELISM="false",
-                   BATCH_WINDOW_MS="20", MAX_BATCH_SIZE="32")
+                   MAX_BATCH_SIZE=os.environ.get("MAX_BATCH_SIZE", "32"))
         self.log = open(data_dir / "api.log", "w")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory", "--host", "127.0.0.1",

@@ -109,3 +109,29 @@ def test_next_batch_times_out_empty_and_close_wakes():
     assert out == [[]]
     with pytest.raises(SchedulerClosedError):
         s.submit(items("A", 1))
+
+
+def test_a_burst_keeps_gathering_up_to_the_cap():
+    from app.serving.scheduler import GATHER_CAP
+
+    s = FairScheduler(max_queued=100)
+    window = 0.1
+    stop = threading.Event()
+
+    def trickle():  # one arrival every window/2, for 10 windows
+        for i in range(20):
+            if stop.is_set():
+                return
+            s.submit(items("B", 1, start=i))
+            time.sleep(window / 2)
+
+    s.submit(items("A", 1))
+    t = threading.Thread(target=trickle)
+    t0 = time.monotonic()
+    t.start()
+    batch = s.next_batch(max_size=100, window_s=window)
+    waited = time.monotonic() - t0
+    stop.set()
+    t.join()
+    assert len(batch) > 3  # more than one window's worth of arrivals
+    assert waited < GATHER_CAP * window + 0.15  # but capped
