@@ -131,7 +131,9 @@ class JobsRoute(APIRoute):
                     raise APIError(400, "The request body is not valid JSON", code="invalid_json") from None
                 param = loc_to_param(first.get("loc", ()))
                 kind = first.get("type")
-                if kind == "extra_forbidden":
+                if param is None:
+                    msg = f"Invalid request body: {first.get('msg', 'expected a JSON object')}"
+                elif kind == "extra_forbidden":
                     msg = f"Unknown parameter: '{param}'"
                 elif kind == "missing":
                     msg = f"Missing required parameter: '{param}'"
@@ -176,8 +178,7 @@ JobId = Annotated[str, Path(description="The fine-tuning job's id", max_length=6
 After = Annotated[str | None, Query(description="The last id of the previous page", max_length=64)]
 
 
-def Limit(default: int):  # noqa: N802
-    return Annotated[int, Query(ge=1, le=service.MAX_PAGE, description=f"1 to {service.MAX_PAGE}")]
+Limit = Annotated[int, Query(ge=1, le=service.MAX_PAGE, description=f"Page size, 1 to {service.MAX_PAGE}")]
 
 
 def _refresh_validating(request: Request, session, job) -> None:
@@ -209,7 +210,7 @@ def create_job(body: Annotated[JobCreate, Body()], request: Request, tenant: Ten
 
 @router.get("", response_model=JobList, summary="List fine-tuning jobs, newest first")
 def list_jobs(tenant: TenantDep, session: SessionDep, after: After = None,
-              limit: Limit(20) = 20) -> dict:
+              limit: Limit = 20) -> dict:
     return service.list_jobs(session, tenant.id, after, limit)
 
 
@@ -232,12 +233,12 @@ def cancel_job(fine_tuning_job_id: JobId, tenant: TenantDep, session: SessionDep
 @router.get("/{fine_tuning_job_id}/events", response_model=JobEventList,
             summary="List a job's events, newest first")
 def list_events(fine_tuning_job_id: JobId, tenant: TenantDep, session: SessionDep, after: After = None,
-                limit: Limit(20) = 20) -> dict:
+                limit: Limit = 20) -> dict:
     return service.list_events(session, tenant.id, fine_tuning_job_id, after, limit)
 
 
 @router.get("/{fine_tuning_job_id}/checkpoints", response_model=JobCheckpointList,
             summary="List a job's checkpoints, newest first")
 def list_checkpoints(fine_tuning_job_id: JobId, tenant: TenantDep, session: SessionDep, after: After = None,
-                     limit: Limit(10) = 10) -> dict:
+                     limit: Limit = 10) -> dict:
     return service.list_checkpoints(session, tenant.id, fine_tuning_job_id, after, limit)

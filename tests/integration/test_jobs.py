@@ -202,6 +202,7 @@ def test_bad_inputs_name_the_parameter(svc, base_id):
         assert e["param"] == param, (body, e)
     assert err(t.client.post("/v1/fine_tuning/jobs", content=b"{not json",
                              headers={"content-type": "application/json"}), 400)
+    assert err(t.client.post("/v1/fine_tuning/jobs", json=[1, 2]), 400)["param"] is None
     assert err(t.client.get("/v1/fine_tuning/jobs", params={"limit": 101}), 400)["param"] == "limit"
     assert err(t.client.get("/v1/fine_tuning/jobs/ftjob-nope"), 404)
     assert err(t.client.get("/v1/fine_tuning/jobs", params={"after": "ftjob-nope"}), 400)["param"] == "after"
