@@ -249,3 +249,22 @@ def test_dead_worker_job_resumes_on_next_worker(svc, base_id):
                                                params={"limit": 100}).json()["data"]]
     assert any("requeued" in m for m in msgs) and any(m.startswith("Resuming from checkpoint") for m in msgs)
     assert done["fine_tuned_model"]
+
+
+def test_distributed_prefix_job(start_service):
+    """PostgreSQL + Redis broker + S3 (moto): a job runs, checkpoints go through S3, results land."""
+    svc = start_service("distributed", env=JOB_ENV, worker=True)
+    t = svc.make_tenant()
+    deadline = time.monotonic() + 120
+    base = None
+    while base is None:
+        assert time.monotonic() < deadline
+        ids = [m["id"] for m in t.client.get("/v1/models").json().get("data", []) if not m["id"].startswith("ft:")]
+        base = ids[0] if ids else time.sleep(0.5)
+    fid = upload(t.client, rows(60))
+    job = t.client.post("/v1/fine_tuning/jobs", json={"model": base, "training_file": fid,
+                                                      "method": small()}).json()
+    job = wait_status(t.client, job["id"], {"succeeded"}, timeout=180)
+    assert job["fine_tuned_model"] and job["result_files"]
+    assert t.client.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints").json()["data"]
+    assert t.client.get(f"/v1/files/{job['result_files'][0]}/content").status_code == 200
