@@ -1,10 +1,9 @@
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from app.ml.base import load_base
 from app.ml.evaluate import (
     compare,
     completion_nll,
@@ -16,7 +15,7 @@ from app.ml.evaluate import (
     normalize_text,
 )
 from app.ml.data import encode_prompt
-from app.ml.kvcache import ModelGeometry, prefix_generation_cache
+from app.ml.kvcache import prefix_generation_cache
 from app.ml.prefix import PrefixConfig, PrefixEncoder
 
 PAIRS = [
@@ -26,17 +25,6 @@ PAIRS = [
     ("name: Aromi | food: Chinese ->", " Aromi is a Chinese place in the city centre."),
     ("sentiment review text pizza", " coffee pub"),
 ]
-
-
-def _load(path):
-    try:
-        from app.ml.base import load_base
-
-        return load_base(path)
-    except ImportError:  # base.py not there yet: the same fields by hand
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True).eval()
-        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        return SimpleNamespace(model=model, tokenizer=tok, geometry=ModelGeometry.of(model.config), device="cpu")
 
 
 def _prefix(base, P=4, seed=0):
@@ -103,7 +91,7 @@ def test_metric_functions():
 
 @pytest.mark.parametrize("with_prefix", [False, True])
 def test_loss_equals_manual_computation(tiny_base_dir, with_prefix):
-    base = _load(tiny_base_dir)
+    base = load_base(tiny_base_dir)
     prefix = _prefix(base) if with_prefix else None
     total, n = completion_nll(base, PAIRS, prefix, batch_size=3)  # padded, mixed lengths
     want_total, want_n = _manual_nll(base, PAIRS, prefix)
@@ -117,7 +105,7 @@ def test_loss_equals_manual_computation(tiny_base_dir, with_prefix):
 
 def test_generated_metrics_in_range_and_exact_match(tiny_base_dirs):
     pytest.importorskip("app.ml.generate")
-    base = _load(tiny_base_dirs["llama"])
+    base = load_base(tiny_base_dirs["llama"])
     prompts = sorted({p for p, _ in PAIRS})
     max_new = 6
     own = [_reference_greedy(base, p, max_new) for p in prompts]
@@ -139,7 +127,7 @@ def test_generated_metrics_in_range_and_exact_match(tiny_base_dirs):
 
 def test_compare_reports_both_and_gain(tiny_base_dirs):
     pytest.importorskip("app.ml.generate")
-    base = _load(tiny_base_dirs["gpt2"])
+    base = load_base(tiny_base_dirs["gpt2"])
     out = compare(base, PAIRS, _prefix(base), max_new_tokens=4)
     assert set(out) == {"base", "prefix", "gain"}
     assert out["base"]["loss"] != out["prefix"]["loss"]
