@@ -85,7 +85,7 @@ class _Common(BaseModel):
     top_p: float | None = Field(1.0, gt=0, le=1)
     n: int | None = Field(1, ge=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**62), le=2**62)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     best_of: int | None = None
@@ -442,6 +442,10 @@ async def create_completion(body: CompletionCreate, request: Request, tenant: Te
         resolved = resolve_model(session, engine, tenant.id, body.model)
         tokenizer = resolved.served.base.tokenizer
         prompts = _completion_prompts(body, tokenizer)
+        rows = len(prompts) * (body.n or 1)
+        limit = max(settings.max_n, settings.max_batch_size)
+        if rows > limit:
+            raise APIError(400, f"At most {limit} choices per request (prompts x n), got {rows}", param="prompt")
         for ids in prompts:
             check_context(resolved.served, len(ids), resolved.num_virtual_tokens, max_tokens, settings)
         return resolved, prompts

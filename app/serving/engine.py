@@ -414,8 +414,11 @@ class ServingEngine:
         metrics.batch(len(gens), len({id(getattr(r, "prefix", None)) for r in requests}))
         stop = self._stop
 
+        streamed: set[int] = set()
+
         def on_token(row: int, token_id: int, text: str) -> None:
             item = gens[row]
+            streamed.add(row)
             if item.handle.stream and not item.cancelled:
                 item.handle.emit(("token", item.index, token_id, text))
 
@@ -427,7 +430,19 @@ class ServingEngine:
             return gens[row].cancelled
 
         t0 = time.perf_counter()
-        results = generate(served.base, requests, on_token=on_token, should_abort=should_abort)
+        try:
+            results = generate(served.base, requests, on_token=on_token, should_abort=should_abort)
+        except Exception:  # noqa: BLE001
+            if len(gens) == 1 or streamed:  # after tokens went out, a rerun would repeat them
+                raise
+            # one bad row must not fail its batch neighbours: run each row alone
+            log.exception("batch of %d failed; retrying its rows one by one", len(gens))
+            for item in gens:
+                try:
+                    self._run_generation(served, [item])
+                except Exception as exc:  # noqa: BLE001
+                    item.handle.emit(("error", item.index, exc))
+            return
         elapsed = time.perf_counter() - t0
         tokens = sum(int(getattr(r, "completion_tokens", 0) or 0) for r in results)
         metrics.tokens(tokens, elapsed)

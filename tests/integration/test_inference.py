@@ -248,6 +248,8 @@ def test_import_rejects_bad_input(svc, tenant, tiny_base_dirs):
     ({"model": BASE, "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
     ({"model": BASE, "prompt": "x", "temperature": 5}, 400, "temperature"),
     ({"model": BASE, "prompt": [99999]}, 400, "prompt"),
+    ({"model": BASE, "prompt": ["a"] * 200}, 400, "prompt"),
+    ({"model": BASE, "prompt": "x", "seed": 2**70}, 400, "seed"),
 ])
 def test_completion_errors(svc, tenant, body, status, param):
     r = tenant.client.post("/v1/completions", json=body)

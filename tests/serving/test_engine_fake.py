@@ -211,3 +211,25 @@ def test_cancel_key_fails_queued_and_running_rows_of_that_key_only():
 
     asyncio.run(main())
     e.stop()
+
+
+def test_a_failing_row_does_not_fail_its_batch_neighbours():
+    e, base = make_engine()
+    orig = e._generate_fn
+
+    def picky(b, requests, **kw):
+        if any(r.tag == "bad" for r in requests):
+            raise ValueError("bad row")
+        return orig(b, requests, **kw)
+
+    e._generate_fn = picky
+
+    async def main():
+        good = e.submit_generation("A", [Req([1], tag="g")])
+        bad = e.submit_generation("B", [Req([1], tag="bad")])
+        with pytest.raises(ValueError):
+            await bad.results()
+        return (await good.results())[0]
+
+    assert asyncio.run(main()).text == "g0 g1 g2 "
+    e.stop()
