@@ -82,7 +82,7 @@ def get_tenant(tenant_id: str, _: AdminDep, session: SessionDep) -> TenantPublic
 
 
 @router.patch("/tenants/{tenant_id}", response_model=TenantPublic)
-def update_tenant(tenant_id: str, body: TenantUpdate, _: AdminDep, session: SessionDep) -> TenantPublic:
+def update_tenant(tenant_id: str, body: TenantUpdate, request: Request, _: AdminDep, session: SessionDep) -> TenantPublic:
     """Rename, suspend/unsuspend, or set quota overrides (a null value removes an override)."""
     t = _get_tenant(session, tenant_id)
     if body.name is not None:
@@ -103,6 +103,8 @@ def update_tenant(tenant_id: str, body: TenantUpdate, _: AdminDep, session: Sess
                 quotas[k] = v
         t.quotas = quotas
     session.commit()
+    if body.suspended:  # requests already queued or running for a batch stop too
+        _serving_call(request, "cancel_tenant", t.id)
     return _public(t, tenant_usage(session, t.id))
 
 
@@ -142,6 +144,7 @@ def delete_tenant(tenant_id: str, request: Request, _: AdminDep, session: Sessio
                 evict(model_id)
             except Exception:  # noqa: BLE001
                 log.warning("serving engine could not evict %s", model_id, exc_info=True)
+    _serving_call(request, "cancel_tenant", t.id, "the tenant was deleted")
     log.info("deleted tenant %s", t.id)
     return TenantDeleted(id=t.id)
 
@@ -164,7 +167,7 @@ def list_keys(tenant_id: str, _: AdminDep, session: SessionDep) -> ApiKeyList:
 
 
 @router.delete("/tenants/{tenant_id}/keys/{key_id}", response_model=ApiKeyDeleted)
-def revoke_key(tenant_id: str, key_id: str, _: AdminDep, session: SessionDep) -> ApiKeyDeleted:
+def revoke_key(tenant_id: str, key_id: str, request: Request, _: AdminDep, session: SessionDep) -> ApiKeyDeleted:
     t = _get_tenant(session, tenant_id)
     row = session.scalar(select(ApiKey).where(ApiKey.id == key_id, ApiKey.tenant_id == t.id)) if is_valid_id(key_id) else None
     if row is None:
@@ -172,4 +175,14 @@ def revoke_key(tenant_id: str, key_id: str, _: AdminDep, session: SessionDep) ->
     if row.revoked_at is None:
         row.revoked_at = now()
     session.commit()
+    _serving_call(request, "cancel_key", row.key_hash)  # queued requests made with it stop at once
     return ApiKeyDeleted(id=row.id)
+
+
+def _serving_call(request: Request, method: str, *args) -> None:
+    fn = getattr(getattr(request.app.state, "serving", None), method, None)
+    if callable(fn):
+        try:
+            fn(*args)
+        except Exception:  # noqa: BLE001 - the database change stands; serving is best effort
+            log.warning("serving engine %s failed", method, exc_info=True)
