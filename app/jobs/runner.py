@@ -356,7 +356,6 @@ def resolve_prefix_config(spec: dict, seed: int, n_train: int):
     learning-rate multiplier scales the engine's default learning rate."""
     from app.ml.train import PrefixTrainingConfig
 
-    defaults = PrefixTrainingConfig()
     hp = spec.get("hyperparameters") or {}
     kw = {}
     for name in ("num_virtual_tokens", "prefix_projection", "projection_hidden_size", "init", "init_text"):
@@ -370,6 +369,7 @@ def resolve_prefix_config(spec: dict, seed: int, n_train: int):
             kw[name] = hp[name]
     cfg = PrefixTrainingConfig(**kw, seed=seed)
     mult = hp.get("learning_rate_multiplier")
+    default_lr = cfg.lr  # the engine's default for this prefix (with or without projection)
     if hp.get("learning_rate") is not None:
         cfg.learning_rate = float(hp["learning_rate"])
     elif mult not in (None, "auto"):
@@ -379,8 +379,7 @@ def resolve_prefix_config(spec: dict, seed: int, n_train: int):
     cfg.checkpoint_every = max(1, min(200, math.ceil(total / 10)))
     cfg.log_every = 1
     resolved_hp = {"n_epochs": cfg.n_epochs, "batch_size": cfg.batch_size,
-                   "learning_rate_multiplier": (cfg.lr / defaults.lr) if hp.get("learning_rate") is None else
-                   (mult if mult not in (None, "auto") else "auto"),
+                   "learning_rate_multiplier": cfg.lr / default_lr,
                    "learning_rate": cfg.lr, "max_seq_len": cfg.max_seq_len, "eval_every": cfg.eval_every}
     resolved = {**spec, "num_virtual_tokens": cfg.num_virtual_tokens, "prefix_projection": cfg.prefix_projection,
                 "projection_hidden_size": cfg.projection_hidden_size, "init": cfg.init, "hyperparameters": resolved_hp}
