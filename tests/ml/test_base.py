@@ -43,7 +43,7 @@ def tiny_trained(tmp_path_factory, small_texts):
     train, valid = small_texts
     out = tmp_path_factory.mktemp("trained") / "base"
     result = train_base(str(out), train, valid, architecture="llama", size="tiny",
-                        config=BaseTrainingConfig(steps=30, lr=5e-3), seed=0)
+                        config=BaseTrainingConfig(steps=30, lr=5e-3, max_eval_blocks=16), seed=0)
     return result
 
 
@@ -168,7 +168,7 @@ def test_train_base_lowers_validation_loss_and_writes_loadable_dir(tiny_trained)
 def test_same_seed_same_fingerprint(tmp_path, small_texts):
     train, valid = small_texts
     train = train[:200]
-    cfg = BaseTrainingConfig(steps=3)
+    cfg = BaseTrainingConfig(steps=3, max_eval_blocks=2)
     fps = [train_base(str(tmp_path / f"b{i}"), train, valid, architecture="gpt2", size="tiny", config=cfg,
                       seed=seed).fingerprint for i, seed in enumerate((7, 7, 8))]
     assert fps[0] == fps[1] != fps[2]
@@ -178,7 +178,7 @@ def test_continued_training_keeps_tokenizer(tmp_path, tiny_trained, small_texts)
     train, valid = small_texts
     parent = load_base(tiny_trained.path)
     r = train_base(str(tmp_path / "continued"), list(reversed(train)), valid, init_from=tiny_trained.path,
-                   size="tiny", config=BaseTrainingConfig(steps=5, lr=1e-3), seed=1)
+                   size="tiny", config=BaseTrainingConfig(steps=5, lr=1e-3, max_eval_blocks=16), seed=1)
     child = load_base(r.path)
     assert child.tokenizer.get_vocab() == parent.tokenizer.get_vocab()
     assert child.fingerprint != parent.fingerprint
@@ -205,7 +205,7 @@ def test_should_stop_cancels_within_one_step_and_writes_nothing(tmp_path, small_
     train, valid = small_texts
     cb = _StopAfter(3)
     r = train_base(str(tmp_path / "cancelled"), train[:200], valid, architecture="gpt2", size="tiny",
-                   config=BaseTrainingConfig(steps=50), callbacks=cb)
+                   config=BaseTrainingConfig(steps=50, max_eval_blocks=2), callbacks=cb)
     assert r.cancelled and r.steps == 3 and r.path is None
     assert [p.step for p in cb.progress] == [1, 2, 3]
     p = cb.progress[-1]
@@ -218,13 +218,14 @@ def test_refuses_to_overwrite(tmp_path, small_texts):
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "x").write_text("x")
     with pytest.raises(FileExistsError):
-        train_base(str(tmp_path / "taken"), small_texts[0], size="tiny", config=BaseTrainingConfig(steps=0))
+        train_base(str(tmp_path / "taken"), small_texts[0], size="tiny",
+                   config=BaseTrainingConfig(steps=0, max_eval_blocks=2))
 
 
 def test_zero_steps_writes_untrained_base(tmp_path, small_texts):
     random.seed(0)
     r = train_base(str(tmp_path / "fresh"), small_texts[0][:100], architecture="gpt2", size="tiny",
-                   config=BaseTrainingConfig(steps=0))
+                   config=BaseTrainingConfig(steps=0, max_eval_blocks=2))
     base = load_base(r.path)
     assert r.steps == 0 and base.model.config.model_type == "gpt2"
     assert len(base.tokenizer) <= PRESETS[("gpt2", "tiny")].vocab_size
