@@ -105,9 +105,17 @@ def _init_process(**kw) -> None:
     _preload(**kw)
 
 
+def _init_child(**kw) -> None:
+    """A forked pool child must not reuse the parent's database connections."""
+    from app.jobs.context import set_default_context
+
+    set_default_context(None)
+    _init_process(**kw)
+
+
 # worker_init: the main process (solo pool runs tasks there); worker_process_init: each forked child
 signals.worker_init.connect(_init_process, weak=False)
-signals.worker_process_init.connect(_init_process, weak=False)
+signals.worker_process_init.connect(_init_child, weak=False)
 
 _monitor = None
 
