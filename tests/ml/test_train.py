@@ -291,3 +291,9 @@ def test_early_stopping_returns_the_best_prefix(gpt2):
     # the returned prefix is the best one, not the last: rerun up to the best step and compare
     upto = train_prefix(gpt2, SMALL, other, config, StopAt(best_step))
     assert torch.equal(r.table, upto.table)
+
+
+def test_bf16_autocast_path_runs(gpt2):
+    # what CUDA uses by default; CPU autocast exercises the same code (prefix stays fp32)
+    r = train_prefix(gpt2, SMALL[:8], None, cfg(n_epochs=1, mixed_precision="bf16"))
+    assert r.steps == 2 and r.table.dtype == torch.float32 and torch.isfinite(r.table).all()
