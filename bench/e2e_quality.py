@@ -20,6 +20,11 @@ Last line: JSON with `bleu_base`, `bleu_prefix`, `bleu_finetune`, `trained_param
    its references (`app.ml.evaluate`).
 
 `trained_param_share` = parameters of the stored prefix table / parameters of the base.
+
+Investigation flags (same last-line keys): `--base-dir DIR` keeps the trained base and reuses it,
+`--prefix KEY=VALUE` sets a `PrefixTrainingConfig` field (`prefix_projection=true`, `init=text`,
+`learning_rate=0.1`, ...), `--set KEY=VALUE` overrides a `MODES` entry (`epochs=5`), and
+`--skip-finetune` runs a prefix variant alone (`bleu_finetune` is then null).
 """
 
 from __future__ import annotations
@@ -217,7 +222,9 @@ def run(mode: str, seed: int = 0, base_dir: str | None = None, overrides: dict |
         t_base = time.perf_counter() - t0
         n_base = count_parameters(base.model)
 
-        ev = dict(max_new_tokens=cfg["max_new_tokens"], batch_size=32)
+        # References are single lines and the base saw references one per line, so a newline ends
+        # a generation (for all three systems alike), as EOS does.
+        ev = dict(max_new_tokens=cfg["max_new_tokens"], batch_size=32, stop=["\n"])
         m_base = evaluate(base, test_ex, None, **ev)
         log(f"base alone: {m_base}")
 

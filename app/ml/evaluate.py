@@ -163,7 +163,8 @@ def completion_nll(base, examples: Sequence[Any], prefix: Any = None, batch_size
 
 
 def greedy_generations(
-    base, prompts: Sequence[str], prefix: Any = None, max_new_tokens: int = 64, batch_size: int = 16
+    base, prompts: Sequence[str], prefix: Any = None, max_new_tokens: int = 64, batch_size: int = 16,
+    stop: Sequence[str] | None = None,
 ) -> list[str]:
     """Greedy completions of `prompts` through `app.ml.generate.generate` (mixed-prefix engine)."""
     from app.ml.generate import GenerationRequest, generate
@@ -181,7 +182,8 @@ def greedy_generations(
     order = sorted(range(len(prompts)), key=lambda i: len(ids[i]))  # similar lengths share a batch
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
-        reqs = [GenerationRequest(prompt_ids=list(ids[i]), prefix=kv, max_tokens=max_new_tokens, temperature=0.0) for i in chunk]
+        reqs = [GenerationRequest(prompt_ids=list(ids[i]), prefix=kv, max_tokens=max_new_tokens, temperature=0.0,
+                                  stop=list(stop or [])) for i in chunk]
         for i, res in zip(chunk, generate(base, reqs)):
             texts[i] = res.text
     return texts
@@ -199,11 +201,13 @@ def evaluate(
     batch_size: int = 16,
     generate_text: bool = True,
     return_generations: bool = False,
+    stop: Sequence[str] | None = None,
 ) -> dict:
     """Metrics of `base` (+ `prefix`) on `examples` (see the module docstring).
 
     `prefix`: None, a per-layer KV list, or anything with `.key_values()` (Adapter, PrefixEncoder).
     `generate_text=False` skips generation (exact_match, bleu and chrf are then None).
+    `stop`: stop strings for generation (e.g. `["\\n"]` when references are single lines).
     `return_generations=True` adds `generations: [{prompt, text, references}]`.
     """
     examples = list(examples)
@@ -224,7 +228,7 @@ def evaluate(
         }
         if generate_text and examples:
             prompts, refs = group_references(examples)
-            hyps = greedy_generations(base, prompts, prefix, max_new_tokens, batch_size)
+            hyps = greedy_generations(base, prompts, prefix, max_new_tokens, batch_size, stop)
             result.update(
                 exact_match=exact_match(hyps, refs),
                 bleu=corpus_bleu(hyps, refs),

@@ -117,6 +117,9 @@ def test_generated_metrics_in_range_and_exact_match(tiny_base_dirs):
     if all(len(o.split()) >= 4 for o in own):
         assert m["bleu"] == pytest.approx(100.0)
     assert m["chrf"] == pytest.approx(100.0)
+    # a stop string ends each generation before it (single-line references: stop=["\n"])
+    m = evaluate(base, mine, max_new_tokens=max_new, stop=[" "], return_generations=True, generate_text=True)
+    assert [g["text"] for g in m["generations"]] == [o.split(" ")[0] for o in own]
     # real references the random model never produces
     m = evaluate(base, PAIRS, max_new_tokens=max_new)
     assert m["exact_match"] == 0.0
