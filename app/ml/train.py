@@ -68,16 +68,18 @@ _CKPT_RE = re.compile(r"^step-(\d+)$")
 
 @dataclass
 class PrefixTrainingConfig:
-    # The prefix. 16 virtual tokens direct in the table: measured to learn a prompt-word -> label
-    # task to >= 90% held-out exact match on a ~5M-parameter base in under a minute on 2 CPU cores.
+    # The prefix. The projection MLP is on by default: in our measurements (tiny random GPT-2s and
+    # a briefly trained 3.2M Llama, word -> label tasks) it reached a clearly lower validation loss
+    # than the direct table in the same steps, as Li & Liang report. It is folded away at the end.
     num_virtual_tokens: int = 16
-    prefix_projection: bool = False  # Li & Liang's MLP reparameterisation; folded away at the end
+    prefix_projection: bool = True
     projection_hidden_size: int = 512
     init: str = "random"  # 'random' | 'text' | 'adapter'
     init_text: str | None = None  # 'text': defaults to the first training example's text
     init_adapter: Any = None  # 'adapter': an object with .config and .table, or a table tensor
-    # Optimisation. Prefixes need a high learning rate; None picks 3e-2 for the direct table and
-    # 5e-3 with the projection MLP (whose output moves faster per unit of lr).
+    # Optimisation. Prefixes need a high learning rate; None picks 1e-2 with the projection MLP
+    # (whose output moves faster per unit of lr) and 1e-1 for the direct table (3e-2 learned
+    # several times slower than 1e-1 or 3e-1 in the same measurements).
     n_epochs: int = 5
     batch_size: int = 8
     learning_rate: float | None = None
@@ -102,7 +104,7 @@ class PrefixTrainingConfig:
     def lr(self) -> float:
         if self.learning_rate is not None:
             return float(self.learning_rate)
-        return 5e-3 if self.prefix_projection else 3e-2
+        return 1e-2 if self.prefix_projection else 1e-1
 
     def validate(self, resuming: bool = False) -> None:
         if self.init not in ("random", "text", "adapter"):

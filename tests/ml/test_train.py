@@ -71,7 +71,8 @@ SMALL_VALID = task(FILL[14:15])
 
 
 def cfg(**kw):
-    base = dict(num_virtual_tokens=4, n_epochs=2, batch_size=4, checkpoint_every=0, eval_every=2)
+    base = dict(num_virtual_tokens=4, n_epochs=2, batch_size=4, checkpoint_every=0, eval_every=2,
+                prefix_projection=False)
     return PrefixTrainingConfig(**{**base, **kw})
 
 
@@ -139,7 +140,7 @@ def make_learnable_base():
 
 def test_prefix_learns_word_to_label_on_held_out_prompts(learnable_base):
     train, held = task(FILL[:12]), task(FILL[12:])  # held-out prompts: unseen filler words
-    config = PrefixTrainingConfig(prefix_projection=True, n_epochs=5)
+    config = PrefixTrainingConfig(prefix_projection=True, n_epochs=5, learning_rate=5e-3)
     r = train_prefix(learnable_base, train, held, config)
     untrained = train_prefix(learnable_base, train, held, config, callbacks=StopAt(0))
     assert untrained.steps == 0 and untrained.cancelled
