@@ -54,17 +54,28 @@ MODES = {
     "full": dict(
         train_mrs=None, test_mrs=None, preset="tiny", base_epochs=3, base_lr=3e-3, base_batch=16, block=128,
         refs_per_mr=2, epochs=2, batch_size=16, prefix_tokens=10, prefix_lr=None, ft_lr=1e-3,
-        max_new_tokens=40,
+        max_new_tokens=40, mr_style="raw",
     ),
     "quick": dict(
         train_mrs=80, test_mrs=12, preset="tiny", base_epochs=2, base_lr=3e-3, base_batch=16, block=128,
         refs_per_mr=2, epochs=2, batch_size=16, prefix_tokens=10, prefix_lr=None, ft_lr=1e-3,
-        max_new_tokens=40,
+        max_new_tokens=40, mr_style="raw",
     ),
 }
 
 
-def to_examples(rows, refs_per_mr: int | None = None) -> list[Example]:
+def format_mr(mr: str, style: str = "raw") -> str:
+    """`raw`: the MR as in the CSV, `name[Alimentum], area[city centre]`. `spaced`:
+    `name = Alimentum, area = city centre`, so slot values get the same space-led BPE tokens as in
+    running text (`[Alimentum` and ` Alimentum` are different tokens)."""
+    if style == "raw":
+        return mr
+    if style == "spaced":
+        return mr.replace("[", " = ").replace("]", "")
+    raise ValueError(f"unknown MR style {style!r}")
+
+
+def to_examples(rows, refs_per_mr: int | None = None, style: str = "raw") -> list[Example]:
     """Prompt `"{mr}\n"`, completion `"{ref}"`: the base saw each reference start a line, so the
     completion starts right after the newline (no leading space)."""
     seen: dict[str, int] = {}
@@ -72,7 +83,7 @@ def to_examples(rows, refs_per_mr: int | None = None) -> list[Example]:
     for mr, ref in rows:
         seen[mr] = seen.get(mr, 0) + 1
         if refs_per_mr is None or seen[mr] <= refs_per_mr:
-            out.append(Example(f"{mr}\n", ref))
+            out.append(Example(f"{format_mr(mr, style)}\n", ref))
     return out
 
 
@@ -208,7 +219,8 @@ def run(mode: str, seed: int = 0, base_dir: str | None = None, overrides: dict |
     log(f"{mode}: train {mrs(train_rows)} MRs/{len(train_rows)} rows, valid {mrs(valid_rows)}/{len(valid_rows)}, "
         f"test {mrs(test_rows)}/{len(test_rows)}")
     k = cfg["refs_per_mr"]
-    train_ex, valid_ex, test_ex = to_examples(train_rows, k), to_examples(valid_rows, k), to_examples(test_rows)
+    st = cfg["mr_style"]
+    train_ex, valid_ex, test_ex = to_examples(train_rows, k, st), to_examples(valid_rows, k, st), to_examples(test_rows, None, st)
     log(f"tuning on {len(train_ex)} examples, validating on {len(valid_ex)}, testing on {len(test_ex)} references")
 
     with tempfile.TemporaryDirectory() as tmp:
