@@ -32,9 +32,11 @@ import json
 import os
 import shutil
 import stat
+import struct
 import tempfile
 import time
 import zipfile
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -402,6 +404,13 @@ class ZipLimits:
     ratio_min_bytes: int = 64 << 10
 
 
+# What the standard zipfile module raises on a corrupt archive: besides BadZipFile, a mangled header or
+# stream surfaces as zlib.error (bad deflate data), ValueError (negative seek), NotImplementedError
+# (unknown version or method), EOFError, struct.error... Each becomes an AdapterFormatError.
+_ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError, RuntimeError, NotImplementedError,
+               EOFError, OverflowError, zlib.error, struct.error)
+
+
 def read_zip_safely(data: bytes, wanted: tuple[str, ...], limits: ZipLimits | None = None) -> dict[str, bytes]:
     """Return `{name: bytes}` for the `wanted` names found at the zip's root.
 
@@ -415,7 +424,7 @@ def read_zip_safely(data: bytes, wanted: tuple[str, ...], limits: ZipLimits | No
         raise AdapterFormatError(f"zip is {len(data)} bytes, over the limit of {limits.max_archive_bytes}")
     try:
         zf = zipfile.ZipFile(io.BytesIO(data))
-    except (zipfile.BadZipFile, ValueError, OSError) as e:
+    except _ZIP_ERRORS as e:
         raise AdapterFormatError(f"not a valid zip archive: {e}") from None
     with zf:
         infos = zf.infolist()
@@ -441,7 +450,7 @@ def read_zip_safely(data: bytes, wanted: tuple[str, ...], limits: ZipLimits | No
                 with zf.open(info) as f:
                     # Never trust the declared size: read at most one byte more than it.
                     blob = f.read(info.file_size + 1)
-            except (zipfile.BadZipFile, OSError, RuntimeError, NotImplementedError, EOFError) as e:
+            except _ZIP_ERRORS as e:
                 raise AdapterFormatError(f"cannot read {info.filename!r} from the zip: {e}") from None
             if len(blob) != info.file_size:
                 raise AdapterFormatError(f"{info.filename!r} is not the size its zip header declares")
@@ -535,6 +544,8 @@ def _parse_json(blob: bytes, name: str) -> dict:
         value = json.loads(blob.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise AdapterFormatError(f"{name} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise AdapterFormatError(f"{name} is not valid JSON: nested too deeply") from None
     if not isinstance(value, dict):
         raise AdapterFormatError(f"{name} must hold a JSON object, got {type(value).__name__}")
     return value
