@@ -54,6 +54,16 @@ class Settings(BaseSettings):
     max_zip_entries: int = 8
     max_zip_ratio: float = 100.0
 
+    max_classify_labels: int = 64
+    max_stop_string_chars: int = 256
+
+    # per-tenant quota defaults (tenant.quotas overrides them; 0 = unlimited; see app/quotas.py)
+    quota_storage_bytes: int = 10 * 1024**3
+    quota_files: int = 1000
+    quota_adapters: int = 500
+    quota_requests_per_minute: int = 600
+    quota_tokens_per_minute: int = 200_000
+
     # workers
     job_heartbeat_s: float = 10.0
     job_stale_after_s: float = 60.0

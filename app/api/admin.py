@@ -12,6 +12,7 @@ import logging
 from fastapi import APIRouter, Query, Request
 from sqlalchemy import delete, func, select
 
+from app import quotas
 from app.api.deps import AdminDep, BlobsDep, SessionDep, hash_key, new_api_key
 from app.api.errors import ID_PATTERN, bad_request, is_valid_id, not_found
 from app.api.schemas import (
@@ -38,9 +39,17 @@ def tenant_usage(session, tenant_id: str) -> dict:
             "running_jobs": int(running or 0)}
 
 
-def _public(t: Tenant, usage: dict | None = None) -> TenantPublic:
+def _public(t: Tenant, usage: dict | None = None, limits: dict | None = None) -> TenantPublic:
     return TenantPublic(id=t.id, name=t.name, created_at=t.created_at, suspended=bool(t.suspended),
-                        quotas=dict(t.quotas or {}), usage=usage)
+                        quotas=dict(t.quotas or {}), usage=usage, limits=limits)
+
+
+def _with_usage(request: Request, session, t: Tenant) -> TenantPublic:
+    """The tenant with `usage` against each quota and `limits` (effective: override or default; 0 =
+    unlimited). Request and token rates are this API process's last 60 s (see app/quotas.py)."""
+    usage = tenant_usage(session, t.id)
+    usage.update(quotas.limiter(request.app).usage(t.id))
+    return _public(t, usage, quotas.effective_quotas(t, request.app.state.settings))
 
 
 def _get_tenant(session, tenant_id: str) -> Tenant:
@@ -76,9 +85,9 @@ def list_tenants(_: AdminDep, session: SessionDep, after: str | None = Query(def
 
 
 @router.get("/tenants/{tenant_id}", response_model=TenantPublic)
-def get_tenant(tenant_id: str, _: AdminDep, session: SessionDep) -> TenantPublic:
+def get_tenant(tenant_id: str, request: Request, _: AdminDep, session: SessionDep) -> TenantPublic:
     t = _get_tenant(session, tenant_id)
-    return _public(t, tenant_usage(session, t.id))
+    return _with_usage(request, session, t)
 
 
 @router.patch("/tenants/{tenant_id}", response_model=TenantPublic)
@@ -105,7 +114,7 @@ def update_tenant(tenant_id: str, body: TenantUpdate, request: Request, _: Admin
     session.commit()
     if body.suspended:  # requests already queued or running for a batch stop too
         _serving_call(request, "cancel_tenant", t.id)
-    return _public(t, tenant_usage(session, t.id))
+    return _with_usage(request, session, t)
 
 
 @router.delete("/tenants/{tenant_id}", response_model=TenantDeleted)

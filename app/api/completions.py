@@ -21,7 +21,9 @@ Other OpenAI parameters, decided one by one:
 - anything else is a 400 naming it ("Unrecognized request argument").
 
 Limits (settings): MAX_PROMPT_TOKENS, MAX_COMPLETION_TOKENS (`max_tokens` above it is a 400,
-never clamped), MAX_N, MAX_STOP_STRINGS. The context check counts the adapter's prefix: prompt +
+never clamped), MAX_N, MAX_STOP_STRINGS, MAX_STOP_STRING_CHARS, MAX_CLASSIFY_LABELS. Quotas
+(`app/quotas.py`): every request counts against the tenant's requests_per_minute, and its prompt
+tokens + max_tokens x choices against tokens_per_minute (429 with Retry-After when over). The context check counts the adapter's prefix: prompt +
 num_virtual_tokens + max_tokens must fit the base's positions, or the answer is a 400 with the
 numbers. A chat request without `max_tokens` gets what is left of the context (at most
 MAX_COMPLETION_TOKENS).
@@ -50,6 +52,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from app.api.deps import SessionDep, SettingsDep, TenantDep, bearer_token, hash_key
 from app.api.errors import APIError, envelope
 from app.api.models import Resolved, get_engine, resolve_model
+from app.quotas import charge_tokens, check_request_rate
 from app.serving.engine import BaseChangedError, EngineNotReadyError, RequestCancelledError
 from app.serving.scheduler import QueueFullError, SchedulerClosedError
 
@@ -69,7 +72,7 @@ DEFAULT_ONLY: dict[str, Any] = {
     "function_call": lambda v: v in (None, "none"),
     "response_format": lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"),
 }
-MAX_LABELS = 64
+MAX_LABELS = 4096  # a static bound for the schema; the setting MAX_CLASSIFY_LABELS (default 64) applies
 DISCONNECT_POLL_S = 0.25
 
 
@@ -115,7 +118,7 @@ class ClassifyCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str = Field(min_length=1, max_length=255)
     input: str
-    labels: list[str] = Field(min_length=1, max_length=MAX_LABELS)
+    labels: list[str] = Field(min_length=1, max_length=MAX_LABELS)  # and MAX_CLASSIFY_LABELS
 
 
 class Usage(BaseModel):
@@ -213,8 +216,9 @@ def check_params(body: _Common, settings, *, chat: bool) -> None:
     if len(stops) > settings.max_stop_strings:
         raise APIError(400, f"At most {settings.max_stop_strings} stop strings (MAX_STOP_STRINGS), got {len(stops)}",
                        param="stop")
-    if any(len(s) > 256 for s in stops):
-        raise APIError(400, "A stop string may have at most 256 characters", param="stop")
+    if any(len(s) > settings.max_stop_string_chars for s in stops):
+        raise APIError(400, f"A stop string may have at most {settings.max_stop_string_chars} characters "
+                            "(MAX_STOP_STRING_CHARS)", param="stop")
     if body.stream_options is not None and not body.stream:
         raise APIError(400, "stream_options is only allowed with stream=true", param="stream_options")
 
@@ -423,6 +427,15 @@ def _gen_requests(prompts: list[list[int]], resolved: Resolved, body, max_tokens
     return out
 
 
+def _then_close(session, fn):
+    """fn() then close the session, in the same worker thread: its connection goes back to the pool
+    before the route awaits anything (generation, the event loop), never held while waiting."""
+    try:
+        return fn()
+    finally:
+        session.close()
+
+
 def _new_id(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(12)}"
 
@@ -433,6 +446,7 @@ def _new_id(prefix: str) -> str:
 @router.post("/v1/completions", response_model=Completion, responses=SSE_DOC)
 async def create_completion(body: CompletionCreate, request: Request, tenant: TenantDep, session: SessionDep,
                             settings: SettingsDep):
+    check_request_rate(request, tenant)  # 429 over requests_per_minute (app/quotas.py)
     check_params(body, settings, chat=False)
     max_tokens = 16 if body.max_tokens is None else body.max_tokens
     check_max_tokens(max_tokens, settings)
@@ -450,9 +464,9 @@ async def create_completion(body: CompletionCreate, request: Request, tenant: Te
             check_context(resolved.served, len(ids), resolved.num_virtual_tokens, max_tokens, settings)
         return resolved, prompts
 
-    resolved, prompts = await run_in_threadpool(prepare)
-    session.close()  # release the connection for the duration of generation
+    resolved, prompts = await run_in_threadpool(_then_close, session, prepare)
     n = body.n or 1
+    charge_tokens(request, tenant, sum(len(p) for p in prompts) + max_tokens * n * len(prompts))
     requests = _gen_requests(prompts, resolved, body, max_tokens, body.logprobs)
     handle = _submit(engine, request, tenant.id, requests, resolved.served.fingerprint, bool(body.stream))
     cid, created, model = _new_id("cmpl"), int(time.time()), body.model
@@ -489,6 +503,7 @@ async def create_completion(body: CompletionCreate, request: Request, tenant: Te
 @router.post("/v1/chat/completions", response_model=ChatCompletion, responses=SSE_DOC)
 async def create_chat_completion(body: ChatCompletionCreate, request: Request, tenant: TenantDep,
                                  session: SessionDep, settings: SettingsDep):
+    check_request_rate(request, tenant)
     check_params(body, settings, chat=True)
     if body.max_tokens is not None and body.max_completion_tokens is not None \
             and body.max_tokens != body.max_completion_tokens:
@@ -522,9 +537,9 @@ async def create_chat_completion(body: ChatCompletionCreate, request: Request, t
         check_context(resolved.served, len(ids), P, max_tokens, settings, param="messages")
         return resolved, ids, max_tokens
 
-    resolved, ids, max_tokens = await run_in_threadpool(prepare)
-    session.close()
+    resolved, ids, max_tokens = await run_in_threadpool(_then_close, session, prepare)
     n = body.n or 1
+    charge_tokens(request, tenant, len(ids) + max_tokens * n)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     requests = _gen_requests([ids], resolved, body, max_tokens, logprobs)
     handle = _submit(engine, request, tenant.id, requests, resolved.served.fingerprint, bool(body.stream))
@@ -572,7 +587,11 @@ async def classify(body: ClassifyCreate, request: Request, tenant: TenantDep, se
     Each label is scored as the exact text appended to `input` (include a leading space if your
     prompts expect one); probabilities are normalised over the given labels. `data` keeps the
     order of `labels`."""
+    check_request_rate(request, tenant)
     labels = body.labels
+    if len(labels) > settings.max_classify_labels:
+        raise APIError(400, f"At most {settings.max_classify_labels} labels (MAX_CLASSIFY_LABELS), got {len(labels)}",
+                       param="labels")
     if len(set(labels)) != len(labels):
         raise APIError(400, "labels must be distinct", param="labels")
     if any(not label for label in labels):
@@ -590,8 +609,8 @@ async def classify(body: ClassifyCreate, request: Request, tenant: TenantDep, se
                       settings, param="input")
         return resolved, ids, label_ids
 
-    resolved, ids, label_ids = await run_in_threadpool(prepare)
-    session.close()
+    resolved, ids, label_ids = await run_in_threadpool(_then_close, session, prepare)
+    charge_tokens(request, tenant, len(ids) * len(labels) + sum(len(x) for x in label_ids))
     prefix = resolved.prefix
 
     def run(base):

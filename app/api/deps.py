@@ -142,6 +142,11 @@ def get_tenant(request: Request, session: SessionDep) -> Tenant:
     if tenant.suspended:
         raise APIError(403, "This tenant is suspended", "permission_error", code="tenant_suspended")
     request.state.tenant_id = tenant.id
+    # end the read transaction: its pooled connection goes back now, not when the route ends. A route
+    # that awaits (a thread-pool slot, generation) must not hold one, or a few hundred concurrent
+    # requests exhaust the pool and time out with 500s. The route's next query checks one out again;
+    # sessions do not expire on commit, so `tenant` stays loaded.
+    session.commit()
     return tenant
 
 

@@ -18,6 +18,7 @@ from fastapi import File as FileParam
 from fastapi.responses import StreamingResponse
 from sqlalchemy import and_, or_, select
 
+from app import quotas
 from app.api.deps import BlobsDep, SessionDep, SettingsDep, TenantDep
 from app.api.errors import ID_PATTERN, APIError, bad_request, is_valid_id, not_found
 from app.api.schemas import FileDeleted, FileList, FileObject
@@ -149,6 +150,7 @@ def upload_file(
     if size > settings.max_upload_bytes:
         raise APIError(413, f"File too large: {size} bytes (limit {settings.max_upload_bytes})",
                        param="file", code="file_too_large")
+    quotas.check_upload(session, tenant, settings, size)  # 429 over the files / storage_bytes quota
     file_id = new_id("file")
     key = f"files/{tenant.id}/{file_id}"
     blobs.put_stream(key, fh)

@@ -68,8 +68,9 @@ class TenantPublic(BaseModel):
     name: str
     created_at: int
     suspended: bool = False
-    quotas: dict = Field(default_factory=dict)
-    usage: dict | None = None
+    quotas: dict = Field(default_factory=dict)  # the overrides set by PATCH
+    usage: dict | None = None  # GET/PATCH of one tenant: current use, a key per quota
+    limits: dict | None = None  # GET/PATCH of one tenant: the effective quota (override or default; 0 = unlimited)
 
 
 class TenantCreated(TenantPublic):

@@ -169,6 +169,11 @@ def create_job(session: Session, tenant: Tenant, body, settings: Settings) -> Jo
             raise SpecError(f"No adapter '{spec['init_adapter']}' of base '{req.model}' among your models",
                             "method.prefix.init_adapter", status_code=404, code="model_not_found")
 
+    if kind == "prefix":  # the job will make an adapter: 429 over the tenant's adapters quota
+        from app.quotas import check_adapter_count
+
+        check_adapter_count(session, tenant, settings)
+
     ready = all(f.status == "processed" for f in files)
     job = Job(
         id=new_id("ftjob"), tenant_id=tenant.id, kind=kind, model=req.model, method=method,

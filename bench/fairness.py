@@ -1,0 +1,184 @@
+"""Fair serving, end to end: does a tenant flooding the server starve another?
+
+`python -m bench.fairness [--quick] [--base DIR]` starts the service (a real uvicorn process,
+embedded mode, a fresh DATA_DIR, as `bench.serving` does), creates tenants A and B with one
+imported prefix adapter each, and then:
+1. idle: B sends its requests one after another on an otherwise idle server;
+2. loaded: A keeps `--in-flight` (200) requests in flight (each one answered is replaced at
+   once), and B sends the same requests one after another again.
+It prints `b_latency_ratio` = B's median latency under load / B's median latency idle (target
+<= 3) as the last stdout line (JSON), with the percentiles and A's throughput.
+
+A and B send the same request shape (the same `max_tokens`, greedy). A's rate quotas are lifted
+through the admin API (`requests_per_minute` and `tokens_per_minute` = 0, unlimited): this measures
+the batch scheduler, not the quota. B keeps the defaults. A request answered 429 (A's queue share
+full) is counted and retried by A after its `Retry-After`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from bench.common import REPO, emit, log
+from bench.serving import PROMPTS, Service, _peft_zip, _untrained_default_shape
+
+
+def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))]
+
+
+async def _b_requests(url: str, key: str, model: str, n: int, max_tokens: int) -> list[float]:
+    out = []
+    async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=600) as c:
+        for i in range(n):
+            body = {"model": model, "prompt": PROMPTS[i % len(PROMPTS)] + f" b{i}", "max_tokens": max_tokens,
+                    "temperature": 0}
+            t0 = time.perf_counter()
+            r = await c.post("/v1/completions", json=body)
+            r.raise_for_status()
+            out.append(time.perf_counter() - t0)
+    return out
+
+
+async def _loaded(url: str, key_a: str, key_b: str, model_a: str, model_b: str, in_flight: int, n_b: int,
+                  max_tokens: int, warm_s: float) -> dict:
+    stop = asyncio.Event()
+    stats = {"a_done": 0, "a_429": 0, "a_errors": 0}
+    limits = httpx.Limits(max_connections=in_flight + 8, max_keepalive_connections=in_flight + 8)
+
+    async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {key_a}"}, timeout=600,
+                                 limits=limits) as ca:
+        async def a_worker(w: int) -> None:
+            i = 0
+            while not stop.is_set():
+                body = {"model": model_a, "prompt": PROMPTS[(w + i) % len(PROMPTS)] + f" a{w}.{i}",
+                        "max_tokens": max_tokens, "temperature": 0}
+                i += 1
+                try:
+                    r = await ca.post("/v1/completions", json=body)
+                except httpx.HTTPError:
+                    stats["a_errors"] += 1
+                    continue
+                if r.status_code == 200:
+                    stats["a_done"] += 1
+                elif r.status_code == 429:
+                    stats["a_429"] += 1
+                    await asyncio.sleep(float(r.headers.get("retry-after", "1")))
+                else:
+                    stats["a_errors"] += 1
+
+        workers = [asyncio.create_task(a_worker(w)) for w in range(in_flight)]
+        await asyncio.sleep(warm_s)  # let A's backlog build up
+        depth = _queue_depth(url)
+        t0 = time.perf_counter()
+        done0 = stats["a_done"]
+        b = await _b_requests(url, key_b, model_b, n_b, max_tokens)
+        elapsed = time.perf_counter() - t0
+        a_rate = (stats["a_done"] - done0) / elapsed
+        stop.set()
+        for w in workers:
+            w.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
+    return {"b": b, "queue_depth_at_start": depth, "a_requests_per_s": round(a_rate, 2), **stats}
+
+
+def _queue_depth(url: str) -> float | None:
+    try:
+        for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+            if line.startswith("prefixd_queue_depth "):
+                return float(line.split()[1])
+    except httpx.HTTPError:
+        return None
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer of B's requests and tokens (CI)")
+    ap.add_argument("--base", type=Path, default=None, help="a local HF causal-LM directory to serve")
+    ap.add_argument("--in-flight", type=int, default=200, help="A's requests kept in flight")
+    ap.add_argument("--max-tokens", type=int, default=None)
+    ap.add_argument("--b-requests", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=int(os.environ.get("TORCH_THREADS", "1")))
+    args = ap.parse_args(argv)
+    max_tokens = args.max_tokens or (8 if args.quick else 16)
+    n_b = args.b_requests or (6 if args.quick else 15)
+
+    with tempfile.TemporaryDirectory(prefix="prefixd-fairness-") as tmp:
+        tmp_path = Path(tmp)
+        base_dir, base_kind = args.base, "given"
+        if base_dir is None:
+            default = Path(os.environ.get("DATA_DIR", REPO / "var")) / "models" / "default"
+            if (default / "config.json").is_file():
+                base_dir, base_kind = default, "default"
+            else:
+                log("building an untrained base of the default base's shape")
+                base_dir, base_kind = _untrained_default_shape(tmp_path / "base"), "untrained-default-shape"
+        data_dir = tmp_path / "data"
+        data_dir.mkdir()
+        log(f"starting the API on base {base_dir}")
+        svc = Service(base_dir.resolve(), data_dir, args.threads)
+        try:
+            svc.wait_ready()
+            admin = {"Authorization": f"Bearer {svc.admin}"}
+            keys, models = {}, {}
+            for i, name in enumerate(("A", "B")):
+                r = httpx.post(f"{svc.url}/v1/admin/tenants", json={"name": f"fairness-{name}"}, headers=admin,
+                               timeout=30)
+                r.raise_for_status()
+                keys[name], tid = r.json()["api_key"], r.json()["id"]
+                if name == "A":  # measure the scheduler, not A's rate quota
+                    httpx.patch(f"{svc.url}/v1/admin/tenants/{tid}", headers=admin, timeout=30, json={
+                        "quotas": {"requests_per_minute": 0, "tokens_per_minute": 0}}).raise_for_status()
+                r = httpx.post(f"{svc.url}/v1/models/import", headers={"Authorization": f"Bearer {keys[name]}"},
+                               timeout=60, data={"suffix": f"fair{name.lower()}"},
+                               files={"file": ("a.zip", _peft_zip(base_dir, 10 + 10 * i, i), "application/zip")})
+                r.raise_for_status()
+                models[name] = r.json()["id"]
+            log("warm-up")
+            asyncio.run(_b_requests(svc.url, keys["B"], models["B"], 2, max_tokens))
+            log(f"idle: B sends {n_b} requests one after another")
+            idle = asyncio.run(_b_requests(svc.url, keys["B"], models["B"], n_b, max_tokens))
+            log(f"  median {statistics.median(idle):.3f} s; loaded: A keeps {args.in_flight} in flight")
+            warm_s = 3.0 if args.quick else 6.0
+            loaded = asyncio.run(_loaded(svc.url, keys["A"], keys["B"], models["A"], models["B"], args.in_flight,
+                                         n_b, max_tokens, warm_s))
+            log(f"  median {statistics.median(loaded['b']):.3f} s")
+        finally:
+            svc.stop()
+
+    b_idle, b_loaded = statistics.median(idle), statistics.median(loaded["b"])
+    emit({
+        "benchmark": "fairness",
+        "quick": args.quick,
+        "base": base_kind,
+        "torch_threads": args.threads,
+        "max_tokens": max_tokens,
+        "a_in_flight": args.in_flight,
+        "a_requests_per_s": loaded["a_requests_per_s"],
+        "a_done": loaded["a_done"],
+        "a_429": loaded["a_429"],
+        "a_errors": loaded["a_errors"],
+        "queue_depth_when_b_started": loaded["queue_depth_at_start"],
+        "b_requests": n_b,
+        "b_idle_median_s": round(b_idle, 3),
+        "b_idle_p90_s": round(_pct(idle, 0.9), 3),
+        "b_loaded_median_s": round(b_loaded, 3),
+        "b_loaded_p90_s": round(_pct(loaded["b"], 0.9), 3),
+        "target": 3.0,
+        "b_latency_ratio": round(b_loaded / b_idle, 2),
+    })
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
