@@ -5,7 +5,8 @@ embedded mode, a fresh DATA_DIR, as `bench.serving` does), creates tenants A and
 imported prefix adapter each, and then:
 1. idle: B sends its requests one after another on an otherwise idle server;
 2. loaded: A keeps `--in-flight` (200) requests in flight (each one answered is replaced at
-   once), and B sends the same requests one after another again.
+   once); once A is in steady state (each of its first 200 answered, or 30 s / 60 s), B sends
+   the same requests one after another again.
 It prints `b_latency_ratio` = B's median latency under load / B's median latency idle (target
 <= 3) as the last stdout line (JSON), with the percentiles and A's throughput.
 
@@ -36,10 +37,13 @@ def _pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))]
 
 
-async def _b_requests(url: str, key: str, model: str, n: int, max_tokens: int) -> list[float]:
+async def _b_requests(url: str, key: str, model: str, n: int, max_tokens: int,
+                      depths: list[float] | None = None) -> list[float]:
     out = []
     async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=600) as c:
         for i in range(n):
+            if depths is not None:
+                depths.append(await _queue_depth(c))
             body = {"model": model, "prompt": PROMPTS[i % len(PROMPTS)] + f" b{i}", "max_tokens": max_tokens,
                     "temperature": 0}
             t0 = time.perf_counter()
@@ -50,9 +54,13 @@ async def _b_requests(url: str, key: str, model: str, n: int, max_tokens: int) -
 
 
 async def _loaded(url: str, key_a: str, key_b: str, model_a: str, model_b: str, in_flight: int, n_b: int,
-                  max_tokens: int, warm_s: float) -> dict:
+                  max_tokens: int, warm_max_s: float) -> dict:
     stop = asyncio.Event()
-    stats = {"a_done": 0, "a_429": 0, "a_errors": 0}
+    stats = {"a_done": 0, "a_429": 0, "a_errors": 0, "a_error_kinds": {}}
+
+    def error(kind: str) -> None:
+        stats["a_errors"] += 1
+        stats["a_error_kinds"][kind] = stats["a_error_kinds"].get(kind, 0) + 1
     limits = httpx.Limits(max_connections=in_flight + 8, max_keepalive_connections=in_flight + 8)
 
     async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {key_a}"}, timeout=600,
@@ -65,8 +73,8 @@ async def _loaded(url: str, key_a: str, key_b: str, model_a: str, model_b: str, 
                 i += 1
                 try:
                     r = await ca.post("/v1/completions", json=body)
-                except httpx.HTTPError:
-                    stats["a_errors"] += 1
+                except httpx.HTTPError as e:
+                    error(type(e).__name__)
                     continue
                 if r.status_code == 200:
                     stats["a_done"] += 1
@@ -74,26 +82,34 @@ async def _loaded(url: str, key_a: str, key_b: str, model_a: str, model_b: str, 
                     stats["a_429"] += 1
                     await asyncio.sleep(float(r.headers.get("retry-after", "1")))
                 else:
-                    stats["a_errors"] += 1
+                    error(f"{r.status_code}: {r.text[:120]}")
 
         workers = [asyncio.create_task(a_worker(w)) for w in range(in_flight)]
-        await asyncio.sleep(warm_s)  # let A's backlog build up
-        depth = _queue_depth(url)
+        # steady state: every one of A's first requests answered (so A's requests are cycling and
+        # its backlog sits wherever the server keeps it), or warm_max_s, whichever comes first
+        t_warm = time.perf_counter()
+        while stats["a_done"] < in_flight and time.perf_counter() - t_warm < warm_max_s:
+            await asyncio.sleep(0.25)
+        warm_s = time.perf_counter() - t_warm
         t0 = time.perf_counter()
         done0 = stats["a_done"]
-        b = await _b_requests(url, key_b, model_b, n_b, max_tokens)
+        depths: list[float] = []
+        b = await _b_requests(url, key_b, model_b, n_b, max_tokens, depths)
         elapsed = time.perf_counter() - t0
         a_rate = (stats["a_done"] - done0) / elapsed
         stop.set()
         for w in workers:
             w.cancel()
         await asyncio.gather(*workers, return_exceptions=True)
-    return {"b": b, "queue_depth_at_start": depth, "a_requests_per_s": round(a_rate, 2), **stats}
+    depths = [d for d in depths if d is not None]
+    return {"b": b, "warm_s": round(warm_s, 1), "a_requests_per_s": round(a_rate, 2),
+            "scheduler_queue_depth_mean": round(statistics.mean(depths), 1) if depths else None, **stats}
 
 
-def _queue_depth(url: str) -> float | None:
+async def _queue_depth(client: httpx.AsyncClient) -> float | None:
+    """Rows waiting in the engine's fair scheduler (`prefixd_queue_depth`)."""
     try:
-        for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        for line in (await client.get("/metrics")).text.splitlines():
             if line.startswith("prefixd_queue_depth "):
                 return float(line.split()[1])
     except httpx.HTTPError:
@@ -149,9 +165,8 @@ def main(argv: list[str] | None = None) -> int:
             log(f"idle: B sends {n_b} requests one after another")
             idle = asyncio.run(_b_requests(svc.url, keys["B"], models["B"], n_b, max_tokens))
             log(f"  median {statistics.median(idle):.3f} s; loaded: A keeps {args.in_flight} in flight")
-            warm_s = 3.0 if args.quick else 6.0
             loaded = asyncio.run(_loaded(svc.url, keys["A"], keys["B"], models["A"], models["B"], args.in_flight,
-                                         n_b, max_tokens, warm_s))
+                                         n_b, max_tokens, 30.0 if args.quick else 60.0))
             log(f"  median {statistics.median(loaded['b']):.3f} s")
         finally:
             svc.stop()
@@ -168,7 +183,10 @@ def main(argv: list[str] | None = None) -> int:
         "a_done": loaded["a_done"],
         "a_429": loaded["a_429"],
         "a_errors": loaded["a_errors"],
-        "queue_depth_when_b_started": loaded["queue_depth_at_start"],
+        "a_error_kinds": loaded["a_error_kinds"],
+        "max_batch_size": int(os.environ.get("MAX_BATCH_SIZE", "32")),
+        "warm_s": loaded["warm_s"],
+        "scheduler_queue_depth_mean": loaded["scheduler_queue_depth_mean"],
         "b_requests": n_b,
         "b_idle_median_s": round(b_idle, 3),
         "b_idle_p90_s": round(_pct(idle, 0.9), 3),
