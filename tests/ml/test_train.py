@@ -298,3 +298,18 @@ def test_bf16_autocast_path_runs(gpt2):
     # what CUDA uses by default; CPU autocast exercises the same code (prefix stays fp32)
     r = train_prefix(gpt2, SMALL[:8], None, cfg(n_epochs=1, mixed_precision="bf16"))
     assert r.steps == 2 and r.table.dtype == torch.float32 and torch.isfinite(r.table).all()
+
+
+def test_all_defaults_learn_word_to_label(learnable_base):
+    """`PrefixTrainingConfig()` untouched (what a job sending `{"type": "prefix"}` gets) must teach
+    a word -> label task on held-out prompts. A prefix that does not learn (an untrained or zero
+    table) scores 0 here: the tiny base never predicts a label word by itself."""
+    train, held = task(FILL[:12]), task(FILL[12:])  # held-out prompts: unseen filler words
+    config = PrefixTrainingConfig(checkpoint_every=0)  # a runtime field: no checkpoint files
+    r = train_prefix(learnable_base, train, held, config)
+    assert r.steps > 0 and not r.cancelled
+    untrained = train_prefix(learnable_base, train, held, config, callbacks=StopAt(0))
+    acc = label_accuracy(learnable_base, r.table, r.prefix_config, held)
+    acc0 = label_accuracy(learnable_base, untrained.table, untrained.prefix_config, held)
+    zero = label_accuracy(learnable_base, torch.zeros_like(r.table), r.prefix_config, held)
+    assert acc >= 0.6 and acc0 <= 0.1 and zero <= 0.1, (acc, acc0, zero)
