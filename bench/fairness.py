@@ -28,8 +28,8 @@ from pathlib import Path
 
 import httpx
 
-from bench.common import REPO, emit, log
-from bench.serving import PROMPTS, Service, _peft_zip, _untrained_default_shape
+from bench.common import emit, log
+from bench.serving import PROMPTS, Service, _peft_zip, pick_base
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -131,14 +131,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="prefixd-fairness-") as tmp:
         tmp_path = Path(tmp)
-        base_dir, base_kind = args.base, "given"
-        if base_dir is None:
-            default = Path(os.environ.get("DATA_DIR", REPO / "var")) / "models" / "default"
-            if (default / "config.json").is_file():
-                base_dir, base_kind = default, "default"
-            else:
-                log("building an untrained base of the default base's shape")
-                base_dir, base_kind = _untrained_default_shape(tmp_path / "base"), "untrained-default-shape"
+        base_dir, base_kind = pick_base(args.base, tmp_path)
         data_dir = tmp_path / "data"
         data_dir.mkdir()
         log(f"starting the API on base {base_dir}")

@@ -54,6 +54,18 @@ def _untrained_default_shape(out: Path) -> Path:
     return out
 
 
+def pick_base(given: Path | None, tmp_path: Path) -> tuple[Path, str]:
+    """(base dir, kind): the given one, else DATA_DIR's built default, else an untrained base of
+    the default base's shape (speed does not depend on the weights)."""
+    if given is not None:
+        return given, "given"
+    default = Path(os.environ.get("DATA_DIR", REPO / "var")) / "models" / "default"
+    if (default / "config.json").is_file():
+        return default, "default"
+    log("building an untrained base of the default base's shape")
+    return _untrained_default_shape(tmp_path / "base"), "untrained-default-shape"
+
+
 def _peft_zip(base_dir: Path, P: int, seed: int) -> bytes:
     import torch
     from transformers import AutoConfig
@@ -145,15 +157,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="prefixd-bench-") as tmp:
         tmp_path = Path(tmp)
-        base_dir = args.base
-        base_kind = "given"
-        if base_dir is None:
-            default = Path(os.environ.get("DATA_DIR", REPO / "var")) / "models" / "default"
-            if (default / "config.json").is_file():
-                base_dir, base_kind = default, "default"
-            else:
-                log("building an untrained base of the default base's shape")
-                base_dir, base_kind = _untrained_default_shape(tmp_path / "base"), "untrained-default-shape"
+        base_dir, base_kind = pick_base(args.base, tmp_path)
         data_dir = tmp_path / "data"
         data_dir.mkdir()
         log(f"starting the API on base {base_dir}")
