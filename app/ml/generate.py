@@ -5,10 +5,14 @@ passes, following THE rule of `kvcache.py`: prefixes right-aligned in P_max cach
 left-padded, mask `[prefix slots | tokens]`, position ids from `positions_from_mask`. So every row
 computes exactly what it computes alone.
 
+`DecodeBatch` is the continuous-batching core under `generate`: rows join between decode steps
+(prefilled on their own, then merged into the running cache with left padding, which changes no
+row's positions) and leave as they finish. The serving engine drives it step by step.
+
 We write our own decode loop rather than calling HF `generate` because we need, per row: its own
 sampling settings and seeded generator, stop strings, streaming with correct text deltas, aborts,
-and dropping finished rows from the batch so compute shrinks. (And PEFT's prefix `generate` is
-known to be broken on this stack: see DESIGN.md.)
+dropping finished rows from the batch so compute shrinks, and rows joining a running batch. (And
+PEFT's prefix `generate` is known to be broken on this stack: see DESIGN.md.)
 
 `score` / `classify` sum the log-probs of candidate completions in one batched forward with a
 `FrozenPrefixCache`, for classification-style tasks.
@@ -230,10 +234,10 @@ def _same_prefixes(prefixes: list[KV | None], dtype, device) -> list[KV | None]:
 
 
 class _Row:
-    """Per-request decoding state."""
+    """Per-request decoding state. `key` is the caller's name for the row (its index in `generate`)."""
 
-    def __init__(self, index: int, req: GenerationRequest, tokenizer, device):
-        self.index, self.req = index, req
+    def __init__(self, key, req: GenerationRequest, tokenizer, device):
+        self.key, self.req = key, req
         self.token_ids: list[int] = []
         self.text = ""  # decoded completion so far (cut at a stop string)
         self.sent = 0  # characters of `text` already streamed
@@ -283,18 +287,183 @@ class _Row:
         )
 
 
+def _empty_result(req: GenerationRequest, finish: str) -> GenerationResult:
+    """The result of a row that never ran (aborted before its prefill, or max_tokens 0)."""
+    return GenerationResult("", [], finish, len(req.prompt_ids), 0, [] if req.logprobs is not None else None)
+
+
+def check_request(base, req: GenerationRequest) -> None:
+    """Raise ValueError for a request that cannot run on `base`."""
+    if not req.prompt_ids:
+        raise ValueError("prompt must have at least one token")
+    if req.max_tokens < 0:
+        raise ValueError(f"max_tokens must be >= 0, got {req.max_tokens}")
+    check_context(base, len(req.prompt_ids), prefix_length(req.prefix), req.max_tokens)
+
+
+def _plain_layers(cache) -> bool:
+    return all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
 def _trim_left(cache, mask: torch.Tensor) -> torch.Tensor:
     """Drop leading slots that no remaining row attends to (left when long rows finished).
 
     Dropping fully-masked columns changes neither attention nor `cumsum(mask)` positions.
     """
     first = int(mask.any(0).int().argmax())
-    if first == 0 or not all(type(layer) is DynamicLayer for layer in cache.layers):
+    if first == 0 or not _plain_layers(cache):
         return mask
     for layer in cache.layers:
         layer.keys = layer.keys[:, :, first:]
         layer.values = layer.values[:, :, first:]
     return mask[:, first:]
+
+
+def _left_pad(t: torch.Tensor, n: int, dim: int) -> torch.Tensor:
+    if n == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = n
+    return torch.cat([t.new_zeros(shape), t], dim)
+
+
+def _merge(cache, mask: torch.Tensor, new_cache, new_mask: torch.Tensor) -> torch.Tensor:
+    """Append `new_cache`'s rows to `cache` (in place); returns the merged mask.
+
+    The shorter side is left-padded along time with zero keys/values and mask 0: a masked slot
+    gets no attention weight and adds nothing to `cumsum(mask)`, so every row keeps its positions
+    (rotary is already applied to cached keys) and computes what it computed before.
+    """
+    if not (_plain_layers(cache) and _plain_layers(new_cache)):
+        raise RuntimeError("rows can only join a batch whose cache layers are plain DynamicLayers")
+    T, T_new = mask.shape[1], new_mask.shape[1]
+    T_max = max(T, T_new)
+    for layer, new in zip(cache.layers, new_cache.layers):
+        layer.keys = torch.cat([_left_pad(layer.keys, T_max - T, 2), _left_pad(new.keys, T_max - T_new, 2)], 0)
+        layer.values = torch.cat([_left_pad(layer.values, T_max - T, 2), _left_pad(new.values, T_max - T_new, 2)], 0)
+    return torch.cat([_left_pad(mask, T_max - T, 1), _left_pad(new_mask, T_max - T_new, 1)], 0)
+
+
+class DecodeBatch:
+    """The live rows of a continuous batch over one base: their KV cache, attention mask and
+    next-token logits.
+
+    `add(requests, keys)` prefills new rows (their own prefixes, THE rule of `kvcache.py`) and
+    merges them into the running cache, so rows can join between decode steps; `step()` samples
+    one token for every live row and runs one decode forward for the rows still going. Finished
+    and dropped rows leave the batch at once, so its compute follows the live rows.
+    """
+
+    def __init__(self, base):
+        self.base = base
+        self.dtype = _model_dtype(base.model)
+        self.eos = eos_token_ids(base)
+        self.rows: list[_Row] = []
+        self.cache = None
+        self.mask: torch.Tensor | None = None  # [rows, slots]: prefix slots and tokens, 0 = padding
+        self.logits: torch.Tensor | None = None  # [rows, vocab] float: each row's next-token logits
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def keys(self) -> list:
+        return [row.key for row in self.rows]
+
+    @torch.inference_mode()
+    def add(self, requests: list[GenerationRequest], keys: list | None = None) -> list[tuple[object, GenerationResult]]:
+        """Prefill `requests` and let them join. Checks every request first (ValueError, nothing
+        added). Returns (key, result) for rows that are finished without decoding (max_tokens 0)."""
+        keys = list(range(len(self.rows), len(self.rows) + len(requests))) if keys is None else list(keys)
+        for req in requests:
+            check_request(self.base, req)
+        done = [(k, _empty_result(r, "length")) for k, r in zip(keys, requests) if r.max_tokens == 0]
+        rows = [_Row(k, r, self.base.tokenizer, self.base.device) for k, r in zip(keys, requests) if r.max_tokens > 0]
+        if rows:
+            cache, mask, logits = self._prefill(rows)
+            if not self.rows:
+                self.cache, self.mask, self.logits = cache, mask, logits
+            else:
+                self.mask = _merge(self.cache, self.mask, cache, mask)
+                self.logits = torch.cat([self.logits, logits], 0)
+            self.rows += rows
+        return done
+
+    def _prefill(self, rows: list[_Row]):
+        """Left-padded prompts after right-aligned prefixes: (cache, mask, last logits)."""
+        model, device = self.base.model, self.base.device
+        L = max(len(r.req.prompt_ids) for r in rows)
+        pad = _pad_id(self.base)
+        ids = torch.tensor([[pad] * (L - len(r.req.prompt_ids)) + list(r.req.prompt_ids) for r in rows], device=device)
+        tmask = torch.tensor([[0] * (L - len(r.req.prompt_ids)) + [1] * len(r.req.prompt_ids) for r in rows], device=device)
+        prefixes = _same_prefixes([r.req.prefix for r in rows], self.dtype, device)
+        kv, pmask = batch_prefixes(prefixes, self.base.geometry, self.dtype, device)
+        mask = torch.cat([pmask, tmask], 1)
+        cache = prefix_generation_cache(kv) if pmask.shape[1] else DynamicCache()
+        out = model(
+            input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask, L),
+            cache=cache, use_cache=True, logits_to_keep=1,
+        )
+        return cache, mask, out.logits[:, -1].float()
+
+    @torch.inference_mode()
+    def drop(self, keys) -> list[tuple[object, GenerationResult]]:
+        """Remove rows (finish_reason "abort") without computing anything for them."""
+        keys = set(keys)
+        gone = [row for row in self.rows if row.key in keys]
+        for row in gone:
+            row.finish = row.finish or "abort"
+        self._keep([j for j, row in enumerate(self.rows) if row.key not in keys])
+        return [(row.key, row.result()) for row in gone]
+
+    def _keep(self, keep: list[int]) -> None:
+        if len(keep) == len(self.rows):
+            return
+        if not keep:
+            self.rows, self.cache, self.mask, self.logits = [], None, None, None
+            return
+        idx = torch.tensor(keep, device=self.mask.device)
+        self.cache.batch_select_indices(idx)
+        self.mask = _trim_left(self.cache, self.mask[idx])
+        self.logits = self.logits[idx]
+        self.rows = [self.rows[j] for j in keep]
+
+    @torch.inference_mode()
+    def step(self, on_token: OnToken | None = None, should_abort: ShouldAbort | None = None) -> list[tuple[object, GenerationResult]]:
+        """One token for every live row, then one decode forward for the rows that go on.
+
+        `on_token(key, token_id, text_delta)` is called for each token; `should_abort(key)` right
+        after it, so an aborted row costs no more compute. Returns (key, result) of the rows
+        that finished in this step."""
+        if not self.rows:
+            return []
+        tokenizer, logits = self.base.tokenizer, self.logits
+        greedy = logits.argmax(-1).tolist()  # one sync for all greedy rows
+        keep, next_ids, done = [], [], []
+        for j, row in enumerate(self.rows):
+            req = row.req
+            tok = greedy[j] if row.generator is None else sample_token(logits[j], req, row.generator)
+            if row.logprobs is not None:
+                row.logprobs.append(_token_logprobs(tokenizer, logits[j], tok, req.logprobs))
+            delta = row.advance(tok, tok in self.eos and not req.ignore_eos)
+            if on_token is not None:
+                on_token(row.key, tok, delta)
+            if row.finish is None and should_abort is not None and should_abort(row.key):
+                row.finish = "abort"
+            if row.finish is None:
+                keep.append(j)
+                next_ids.append(tok)
+            else:
+                done.append((row.key, row.result()))
+        self._keep(keep)
+        if self.rows:
+            self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], 1)
+            out = self.base.model(
+                input_ids=torch.tensor(next_ids, device=self.mask.device)[:, None], attention_mask=self.mask,
+                position_ids=positions_from_mask(self.mask, 1), cache=self.cache, use_cache=True,
+            )
+            self.logits = out.logits[:, -1].float()
+        return done
 
 
 def generate(
@@ -310,73 +479,20 @@ def generate(
     `should_abort(row)` is checked before the prefill and after each of the row's tokens; an aborted
     row ends with finish_reason "abort" and leaves the batch.
     """
-    model, tokenizer, device = base.model, base.tokenizer, base.device
-    dtype = _model_dtype(model)
     for req in requests:
-        if not req.prompt_ids:
-            raise ValueError("prompt must have at least one token")
-        if req.max_tokens < 0:
-            raise ValueError(f"max_tokens must be >= 0, got {req.max_tokens}")
-        check_context(base, len(req.prompt_ids), prefix_length(req.prefix), req.max_tokens)
-    rows = [_Row(i, r, tokenizer, device) for i, r in enumerate(requests)]
-    for row in rows:
-        if row.req.max_tokens == 0:
-            row.finish = "length"
-        elif should_abort is not None and should_abort(row.index):
-            row.finish = "abort"
-    active = [row for row in rows if row.finish is None]
-    if not active:
-        return [row.result() for row in rows]
-
-    eos = eos_token_ids(base)
-    with torch.inference_mode():
-        # Prefill: left-padded prompts after right-aligned prefixes.
-        L = max(len(r.req.prompt_ids) for r in active)
-        pad = _pad_id(base)
-        ids = torch.tensor([[pad] * (L - len(r.req.prompt_ids)) + list(r.req.prompt_ids) for r in active], device=device)
-        tmask = torch.tensor([[0] * (L - len(r.req.prompt_ids)) + [1] * len(r.req.prompt_ids) for r in active], device=device)
-        prefixes = _same_prefixes([r.req.prefix for r in active], dtype, device)
-        kv, pmask = batch_prefixes(prefixes, base.geometry, dtype, device)
-        mask = torch.cat([pmask, tmask], 1)
-        cache = prefix_generation_cache(kv) if pmask.shape[1] else DynamicCache()
-        out = model(
-            input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask, L),
-            cache=cache, use_cache=True, logits_to_keep=1,
-        )
-        logits = out.logits[:, -1].float()
-
-        while True:
-            greedy = logits.argmax(-1).tolist()  # one sync for all greedy rows
-            keep, next_ids = [], []
-            for j, row in enumerate(active):
-                req = row.req
-                tok = greedy[j] if row.generator is None else sample_token(logits[j], req, row.generator)
-                if row.logprobs is not None:
-                    row.logprobs.append(_token_logprobs(tokenizer, logits[j], tok, req.logprobs))
-                delta = row.advance(tok, tok in eos and not req.ignore_eos)
-                if on_token is not None:
-                    on_token(row.index, tok, delta)
-                # Checked right before the row's next forward, so an aborted row costs no more compute.
-                if row.finish is None and should_abort is not None and should_abort(row.index):
-                    row.finish = "abort"
-                if row.finish is None:
-                    keep.append(j)
-                    next_ids.append(tok)
-            if not keep:
-                break
-            if len(keep) < len(active):
-                # Finished/aborted rows leave the batch: later steps only compute the live rows.
-                idx = torch.tensor(keep, device=device)
-                cache.batch_select_indices(idx)
-                mask = _trim_left(cache, mask[idx])
-                active = [active[j] for j in keep]
-            mask = torch.cat([mask, mask.new_ones(len(active), 1)], 1)
-            out = model(
-                input_ids=torch.tensor(next_ids, device=device)[:, None], attention_mask=mask,
-                position_ids=positions_from_mask(mask, 1), cache=cache, use_cache=True,
-            )
-            logits = out.logits[:, -1].float()
-    return [row.result() for row in rows]
+        check_request(base, req)
+    results: dict[int, GenerationResult] = {}
+    batch = DecodeBatch(base)
+    start = []
+    for i, req in enumerate(requests):
+        if req.max_tokens > 0 and should_abort is not None and should_abort(i):
+            results[i] = _empty_result(req, "abort")
+        else:
+            start.append(i)
+    results.update(batch.add([requests[i] for i in start], start))
+    while len(batch):
+        results.update(batch.step(on_token, should_abort))
+    return [results[i] for i in range(len(requests))]
 
 
 # ---------------------------------------------------------------------------------------------

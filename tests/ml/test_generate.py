@@ -270,3 +270,54 @@ def test_context_limit_and_edge_cases(bases):
     assert generate(base, []) == []
     res = generate(base, [GenerationRequest([5, 6], max_tokens=0), GenerationRequest([7], max_tokens=2, temperature=0)])
     assert res[0].finish_reason == "length" and res[0].token_ids == [] and res[1].completion_tokens >= 1
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2"])
+def test_rows_joining_a_running_batch_equal_rows_alone(bases, arch):
+    """Continuous batching: rows prefilled while others decode (shorter and longer than the running
+    cache, other prefix lengths, no prefix) produce the same greedy tokens as each row alone."""
+    from app.ml.generate import DecodeBatch
+
+    base = bases[arch]
+    reqs = {
+        "a": GenerationRequest([5, 6, 7], prefix=_prefix(base, 3, 1), max_tokens=9, temperature=0),
+        "b": GenerationRequest([40, 41], max_tokens=4, temperature=0),
+        # joins after 2 steps with a longer prompt and prefix than the running cache holds
+        "c": GenerationRequest([100, 3, 77, 9, 12, 13, 14, 15, 16, 17], prefix=_prefix(base, 9, 2), max_tokens=6,
+                               temperature=0),
+        # joins after 5 steps (b has left) with a short prompt and a short prefix
+        "d": GenerationRequest([12], prefix=_prefix(base, 2, 3), max_tokens=5, temperature=0),
+        "e": GenerationRequest([8, 9], max_tokens=3, temperature=0),
+    }
+    joins = {0: ["a", "b"], 2: ["c"], 5: ["d", "e"]}
+    batch, got, streamed = DecodeBatch(base), {}, {}
+    for step in range(40):
+        if step in joins:
+            assert batch.add([reqs[k] for k in joins[step]], joins[step]) == []
+        if not len(batch) and step > max(joins):
+            break
+        got.update(batch.step(on_token=lambda k, t, d: streamed.setdefault(k, []).append(t)))
+    assert set(got) == set(reqs)
+    for k, req in reqs.items():
+        alone = generate(base, [req])[0]
+        assert got[k].token_ids == alone.token_ids == streamed[k], k
+        assert got[k].text == alone.text and got[k].finish_reason == alone.finish_reason
+
+
+def test_dropped_rows_leave_and_the_rest_go_on(bases):
+    from app.ml.generate import DecodeBatch
+
+    base = bases["llama"]
+    reqs = _requests(base, max_tokens=6, temperature=0)
+    batch = DecodeBatch(base)
+    assert batch.add(reqs[:2] + [GenerationRequest([7], max_tokens=0)], ["x", "y", "z"]) == [
+        ("z", generate(base, [GenerationRequest([7], max_tokens=0)])[0])]
+    batch.step()
+    dropped = dict(batch.drop(["x"]))
+    assert dropped["x"].finish_reason == "abort" and len(dropped["x"].token_ids) == 1 and batch.keys == ["y"]
+    batch.add(reqs[2:], ["u", "v"])
+    got = {}
+    while len(batch):
+        got.update(batch.step())
+    for k, req in zip("yuv", reqs[1:]):
+        assert got[k].token_ids == generate(base, [req])[0].token_ids
