@@ -16,25 +16,41 @@ quota. Stock quotas (storage, files, adapters) answer `type: "insufficient_quota
 `x-should-retry: false` (waiting does not help: delete something or ask for a higher quota); rate
 quotas answer `type: "rate_limit_error"` with the seconds until the window has room.
 
-Rates are a sliding window of one minute in one-second buckets, per tenant, held in this API
-process (`RateLimiter`, memory O(tenants x 60)). With K API replicas each one enforces the quota
-on its own, so a tenant can get up to K times the quota in total: set the per-replica quota to
-quota / K. Tokens are charged when the request is admitted: the prompt tokens plus `max_tokens`
-for every choice (what the request may use, as OpenAI's rate limiter estimates it), so a
-request's charge is known before any work is done. The stock quotas are checked at admission
-against the database counts: two uploads racing may both pass; the next one is refused.
+Rates are a sliding window of one minute in one-second buckets per tenant. Where the service has
+Redis (`REDIS_URL` is a `redis://`, `rediss://` or `unix://` URL: distributed mode) the buckets
+live in Redis (`RedisSlidingWindow`: one hash per tenant and rate, field = epoch second, checked
+and added by one Lua script, so the check-and-add is atomic and every API replica draws on the same
+budget; the clock is the Redis server's, so replicas' clocks do not matter). Without Redis
+(embedded mode: one API process) they live in the process (`SlidingWindow`). Memory is
+O(tenants x 60) either way. If Redis cannot be reached when a request is checked, the request is
+refused with 503 + `Retry-After` (`rate_limiter_unavailable`), never admitted unmetered.
+Tokens are charged when the request is admitted: the prompt tokens plus `max_tokens` for every
+choice (what the request may use, as OpenAI's rate limiter estimates it), so a request's charge is
+known before any work is done.
+
+Stock quotas are checked against the database counts inside the transaction that inserts the new
+row, after `lock_tenant` has serialised the tenant's writers (PostgreSQL: `SELECT ... FOR UPDATE`
+on the tenant row; SQLite: a no-op `UPDATE` of the tenant row, which takes SQLite's one write lock
+for the rest of the transaction). Two uploads racing for the last file slot therefore get one 201
+and one 429, on any number of API replicas. Callers that store a blob first (uploads, adapter
+imports) check once without the lock to refuse early, store the blob, then check again with the
+lock and insert in the same transaction (deleting the blob if that check refuses), so the lock is
+never held while bytes move.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
 from collections import deque
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from app.api.errors import APIError
+
+log = logging.getLogger("prefixd.quotas")
 
 QUOTA_SETTINGS = {
     "storage_bytes": "quota_storage_bytes",
@@ -46,6 +62,9 @@ QUOTA_SETTINGS = {
 }
 WINDOW_S = 60
 _NO_RETRY = {"x-should-retry": "false"}
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+REDIS_KEY_PREFIX = "prefixd:rate:"
+UNAVAILABLE_RETRY_S = 2  # also how long a process stops asking an unreachable Redis
 
 
 class QuotaExceeded(APIError):
@@ -59,6 +78,16 @@ class QuotaExceeded(APIError):
                          code=f"{quota}_quota_exceeded", headers=headers)
         self.quota = quota
         self.retry_after_s = max(1, int(retry_after_s))
+
+
+class RateLimiterUnavailable(APIError):
+    """503 + Retry-After: the shared rate windows (Redis) cannot be reached. Refusing is the only
+    answer that keeps the quota: admitting unmetered would let every replica serve unlimited."""
+
+    def __init__(self):
+        super().__init__(503, f"The rate limiter is unavailable (its store cannot be reached); retry after "
+                              f"{UNAVAILABLE_RETRY_S} s", code="rate_limiter_unavailable",
+                         headers={"Retry-After": str(UNAVAILABLE_RETRY_S)})
 
 
 def limit_of(tenant, settings, quota: str) -> int:
@@ -84,20 +113,43 @@ def _rejected(quota: str) -> None:
 # ----------------------------------------------------------------------------- stock quotas
 
 
-def check_upload(session, tenant, settings, size: int) -> None:
-    """Before a file is stored: one more file of `size` bytes must fit `files` and `storage_bytes`."""
+def lock_tenant(session, tenant_id: str) -> None:
+    """Serialise this tenant's stock-quota check + insert until `session` commits or rolls back.
+
+    PostgreSQL (and other servers): `SELECT ... FOR UPDATE` on the tenant row; in READ COMMITTED
+    each later count sees every insert committed before the lock was granted. SQLite: pysqlite
+    opens its transaction at the first write, so a no-op UPDATE of the tenant row is what takes
+    SQLite's write lock (waiting up to busy_timeout) before the counts are read; BEGIN IMMEDIATE
+    would fail inside a transaction that has already written."""
+    from app.store.models import Tenant
+
+    table = Tenant.__table__
+    if session.get_bind().dialect.name == "sqlite":
+        session.execute(update(table).where(table.c.id == tenant_id).values(name=table.c.name))
+    else:
+        session.execute(select(table.c.id).where(table.c.id == tenant_id).with_for_update())
+
+
+def check_upload(session, tenant, settings, size: int, *, lock: bool = True) -> None:
+    """Before a file row is inserted: one more file of `size` bytes must fit `files` and
+    `storage_bytes`. With `lock` (the default) the tenant stays locked until the caller commits:
+    insert the row in the same transaction. `lock=False` is only an early refusal."""
     from app.store.models import File
 
+    max_files = limit_of(tenant, settings, "files")
+    max_bytes = limit_of(tenant, settings, "storage_bytes")
+    if not max_files and not max_bytes:
+        return
+    if lock:
+        lock_tenant(session, tenant.id)
     files, stored = session.execute(
         select(func.count(File.id), func.coalesce(func.sum(File.bytes), 0)).where(File.tenant_id == tenant.id)
     ).one()
     files, stored = int(files), int(stored)
-    max_files = limit_of(tenant, settings, "files")
     if max_files and files + 1 > max_files:
         _rejected("files")
         raise QuotaExceeded("files", f"files quota of {max_files} exceeded: the tenant has {files} files; "
                                      "delete files or ask the administrator for a higher quota", 60, rate=False)
-    max_bytes = limit_of(tenant, settings, "storage_bytes")
     if max_bytes and stored + size > max_bytes:
         _rejected("storage_bytes")
         raise QuotaExceeded("storage_bytes",
@@ -105,14 +157,17 @@ def check_upload(session, tenant, settings, size: int) -> None:
                             "file; delete files or ask the administrator for a higher quota", 60, rate=False)
 
 
-def check_adapter_count(session, tenant, settings) -> None:
+def check_adapter_count(session, tenant, settings, *, lock: bool = True) -> None:
     """Before an adapter is imported, or a prefix job (which makes one) is created: the tenant's
-    adapters plus its prefix jobs still to finish must stay within `adapters`."""
+    adapters plus its prefix jobs still to finish must stay within `adapters`. With `lock` (the
+    default) insert the model or job row in the same transaction (see `check_upload`)."""
     from app.store.models import Job, ModelRecord
 
     limit = limit_of(tenant, settings, "adapters")
     if not limit:
         return
+    if lock:
+        lock_tenant(session, tenant.id)
     adapters = int(session.scalar(select(func.count(ModelRecord.id)).where(
         ModelRecord.tenant_id == tenant.id, ModelRecord.kind == "adapter")) or 0)
     pending = int(session.scalar(select(func.count(Job.id)).where(
@@ -130,7 +185,8 @@ def check_adapter_count(session, tenant, settings) -> None:
 
 
 class SlidingWindow:
-    """Amounts per key over the last `window_s` seconds, in one-second buckets (thread-safe)."""
+    """Amounts per key over the last `window_s` seconds, in one-second buckets, in this process
+    (thread-safe). The embedded mode's window: one API process, so nothing to share."""
 
     def __init__(self, window_s: int = WINDOW_S, clock=time.monotonic):
         self.window_s = window_s
@@ -180,12 +236,125 @@ class SlidingWindow:
             return None
 
 
-class RateLimiter:
-    """`requests_per_minute` and `tokens_per_minute` for every tenant of this process."""
+# One script call = one atomic check-and-add (Redis runs a script with nothing interleaved), so
+# concurrent requests on any number of replicas can never together pass the limit.
+# KEYS[1]: one tenant's hash for one rate (field: epoch second, value: amount in that second).
+# ARGV: amount, limit (0 = unlimited), window seconds, now in seconds ("" = the server's TIME).
+# Returns {status, used, wait_ms}: status 0 admitted (used includes amount), 1 refused (wait_ms
+# until it fits), 2 refused for good (amount > limit).
+_LUA_TRY_ADD = """
+local amount = tonumber(ARGV[1])
+local limit = tonumber(ARGV[2])
+local window = tonumber(ARGV[3])
+local now
+if ARGV[4] == '' then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+else
+  now = tonumber(ARGV[4])
+end
+local now_s = math.floor(now)
+local flat = redis.call('HGETALL', KEYS[1])
+local used = 0
+local secs = {}
+local counts = {}
+for i = 1, #flat, 2 do
+  local sec = tonumber(flat[i])
+  local c = tonumber(flat[i + 1])
+  if sec <= now_s - window then
+    redis.call('HDEL', KEYS[1], flat[i])
+  else
+    used = used + c
+    secs[#secs + 1] = sec
+    counts[sec] = c
+  end
+end
+if limit > 0 and amount > limit then
+  return {2, used, 0}
+end
+if limit > 0 and used + amount > limit then
+  table.sort(secs)
+  local need = used + amount - limit
+  local freed = 0
+  for _, sec in ipairs(secs) do
+    freed = freed + counts[sec]
+    if freed >= need then
+      return {1, used, math.ceil((sec + window - now) * 1000)}
+    end
+  end
+  return {1, used, window * 1000}
+end
+if amount > 0 then
+  redis.call('HINCRBY', KEYS[1], string.format('%d', now_s), amount)
+  redis.call('EXPIRE', KEYS[1], window + 1)
+  used = used + amount
+end
+return {0, used, 0}
+"""
 
-    def __init__(self, clock=time.monotonic):
-        self.requests = SlidingWindow(clock=clock)
-        self.tokens = SlidingWindow(clock=clock)
+
+class RedisSlidingWindow:
+    """The same window as `SlidingWindow`, kept in Redis so every API replica shares it.
+
+    Keys are `{key_prefix}{key}` (key = the tenant id, an id the service issued); each expires
+    `window_s + 1` s after its last write, so an idle tenant costs nothing. `clock` (seconds) is
+    for tests; by default the Redis server's clock is used, the one clock all replicas share.
+    Any Redis error raises `RateLimiterUnavailable` (503); after one, this process answers 503
+    for `UNAVAILABLE_RETRY_S` without asking again, so an unreachable Redis costs one connect
+    timeout per interval, not one per request (the check runs on the event loop)."""
+
+    def __init__(self, client, key_prefix: str, window_s: int = WINDOW_S, clock=None):
+        self.client = client
+        self.key_prefix = key_prefix
+        self.window_s = window_s
+        self.clock = clock
+        self._script = client.register_script(_LUA_TRY_ADD)
+        self._down_until = 0.0
+
+    def _run(self, key: str, amount: int, limit: int) -> tuple[int, int, int]:
+        import redis
+
+        if time.monotonic() < self._down_until:
+            raise RateLimiterUnavailable()
+        now = "" if self.clock is None else repr(float(self.clock()))
+        try:
+            status, used, wait_ms = self._script(keys=[self.key_prefix + key],
+                                                 args=[int(amount), int(limit), self.window_s, now])
+        except redis.RedisError as e:
+            self._down_until = time.monotonic() + UNAVAILABLE_RETRY_S
+            log.warning("rate limiter: Redis unavailable (%s: %s); refusing rated requests for %d s",
+                        type(e).__name__, e, UNAVAILABLE_RETRY_S)
+            raise RateLimiterUnavailable() from None
+        return int(status), int(used), int(wait_ms)
+
+    def used(self, key: str) -> int:
+        return self._run(key, 0, 0)[1]
+
+    def try_add(self, key: str, amount: int, limit: int) -> float | None:
+        status, _, wait_ms = self._run(key, amount, limit)
+        if status == 0:
+            return None
+        if status == 2:
+            return math.inf
+        return max(0.0, wait_ms / 1000)
+
+
+class RateLimiter:
+    """`requests_per_minute` and `tokens_per_minute` for every tenant: in this process by
+    default, or over the given shared windows (`RateLimiter.redis`)."""
+
+    def __init__(self, clock=time.monotonic, *, requests=None, tokens=None):
+        self.requests = requests if requests is not None else SlidingWindow(clock=clock)
+        self.tokens = tokens if tokens is not None else SlidingWindow(clock=clock)
+
+    @classmethod
+    def redis(cls, client, key_prefix: str = REDIS_KEY_PREFIX, clock=None) -> RateLimiter:
+        return cls(requests=RedisSlidingWindow(client, key_prefix + "requests:", clock=clock),
+                   tokens=RedisSlidingWindow(client, key_prefix + "tokens:", clock=clock))
+
+    @property
+    def shared(self) -> bool:
+        return isinstance(self.requests, RedisSlidingWindow)
 
     def check_request(self, tenant, settings) -> None:
         limit = limit_of(tenant, settings, "requests_per_minute")
@@ -220,6 +389,24 @@ def _secs(wait: float) -> int:
     return max(1, math.ceil(wait))
 
 
+def uses_redis(settings) -> bool:
+    """Whether rate windows go to Redis: a Redis broker URL means the distributed mode, where K
+    API replicas must share one budget."""
+    url = getattr(settings, "redis_url", None) or ""
+    return url.startswith(REDIS_SCHEMES)
+
+
+def make_rate_limiter(settings) -> RateLimiter:
+    if not uses_redis(settings):
+        return RateLimiter()
+    import redis
+
+    # short timeouts: the check runs on the event loop, and a local Redis answers in well under 1 ms
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=0.5, socket_connect_timeout=0.5,
+                                  health_check_interval=30)
+    return RateLimiter.redis(client)
+
+
 _limiter_lock = threading.Lock()
 
 
@@ -230,7 +417,7 @@ def limiter(app) -> RateLimiter:
         with _limiter_lock:
             lim = getattr(app.state, "rate_limiter", None)
             if lim is None:
-                lim = app.state.rate_limiter = RateLimiter()
+                lim = app.state.rate_limiter = make_rate_limiter(app.state.settings)
     return lim
 
 

@@ -46,9 +46,13 @@ def _public(t: Tenant, usage: dict | None = None, limits: dict | None = None) ->
 
 def _with_usage(request: Request, session, t: Tenant) -> TenantPublic:
     """The tenant with `usage` against each quota and `limits` (effective: override or default; 0 =
-    unlimited). Request and token rates are this API process's last 60 s (see app/quotas.py)."""
+    unlimited). Request and token rates are the last 60 s: of every replica when the windows are in
+    Redis, else of this API process (see app/quotas.py)."""
     usage = tenant_usage(session, t.id)
-    usage.update(quotas.limiter(request.app).usage(t.id))
+    try:
+        usage.update(quotas.limiter(request.app).usage(t.id))
+    except quotas.RateLimiterUnavailable:
+        pass  # Redis is down: show the stock usage; the admin change itself has been committed
     return _public(t, usage, quotas.effective_quotas(t, request.app.state.settings))
 
 

@@ -150,17 +150,27 @@ def upload_file(
     if size > settings.max_upload_bytes:
         raise APIError(413, f"File too large: {size} bytes (limit {settings.max_upload_bytes})",
                        param="file", code="file_too_large")
-    quotas.check_upload(session, tenant, settings, size)  # 429 over the files / storage_bytes quota
+    # 429 over the files / storage_bytes quota. This first check takes no lock, so a tenant over its
+    # quota is refused before any bytes are stored; the binding check is the locked one below.
+    quotas.check_upload(session, tenant, settings, size, lock=False)
+    session.commit()  # end the read transaction: no connection is held while the blob is written
     file_id = new_id("file")
     key = f"files/{tenant.id}/{file_id}"
     blobs.put_stream(key, fh)
     row = File(id=file_id, tenant_id=tenant.id, filename=_clean_filename(file.filename), purpose=purpose,
                bytes=size, status="uploaded", blob_key=key)
-    session.add(row)
     try:
+        # check again with the tenant locked, and insert in the same transaction: of uploads racing
+        # for the last slot (on any replica) exactly one gets it
+        quotas.check_upload(session, tenant, settings, size, lock=True)
+        session.add(row)
         session.commit()
     except Exception:
-        blobs.delete(key)
+        session.rollback()
+        try:
+            blobs.delete(key)
+        except Exception:  # noqa: BLE001 - the caller gets the original error; an orphan blob is harmless
+            log.warning("could not delete blob %s after a refused upload", key, exc_info=True)
         raise
     background.add_task(validate_file, request.app, file_id)
     return file_object(row)

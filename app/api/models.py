@@ -32,6 +32,7 @@ from sqlalchemy import or_, select
 
 from app.api.deps import BlobsDep, SessionDep, SettingsDep, TenantDep
 from app.api.errors import APIError
+from app.quotas import check_adapter_count
 from app.store.models import Job, ModelRecord, new_id, now
 
 router = APIRouter(tags=["models"])
@@ -300,7 +301,10 @@ async def import_model(
         raise APIError(400, f"num_virtual_tokens {adapter.num_virtual_tokens} is over the limit of "
                             f"{settings.max_num_virtual_tokens} (MAX_NUM_VIRTUAL_TOKENS)",
                        param="file", code="invalid_adapter")
-    check_adapter_quota(request, session, tenant)
+    # 429 over the adapters quota: refused early, without a lock, before the blob is stored; the
+    # binding check runs again below with the tenant locked, in the transaction that inserts the row
+    await run_in_threadpool(_then_commit, session, check_adapter_count, session, tenant,
+                            request.app.state.settings, lock=False)
     model_id = f"ft:{served.id}:{tenant.id}:{suffix or ''}:{import_id}"
     blob = adapter_to_bytes(adapter)
     key = f"adapters/{tenant.id}/{import_id}.zip"
@@ -310,17 +314,28 @@ async def import_model(
         blob_key=key, job_id=None, num_virtual_tokens=adapter.num_virtual_tokens, size_bytes=len(blob),
         details={"source": "peft-import", "filename": (file.filename or "")[:255]}, created_at=now(),
     )
-    session.add(record)
-    session.commit()
+
+    def insert() -> None:
+        # in a worker thread: waiting for the tenant lock must not block the event loop
+        try:
+            check_adapter_count(session, tenant, request.app.state.settings, lock=True)
+            session.add(record)
+            session.commit()
+        except Exception:
+            session.rollback()
+            try:
+                blobs.delete(key)
+            except Exception:  # noqa: BLE001 - the caller gets the original error
+                pass
+            raise
+
+    await run_in_threadpool(insert)
     return model_public(record, served)
 
 
-def check_adapter_quota(request: Request, session, tenant) -> None:
-    """The tenant's adapter-count quota, when the service defines one (app.quotas)."""
+def _then_commit(session, fn, *args, **kw):
+    """fn(...) then end the session's transaction, so no connection is held across an await."""
     try:
-        from app import quotas  # type: ignore[attr-defined]
-    except ImportError:
-        return
-    check = getattr(quotas, "check_adapter_count", None)
-    if check is not None:
-        check(session, tenant, request.app.state.settings)
+        return fn(*args, **kw)
+    finally:
+        session.commit()

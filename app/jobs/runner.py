@@ -70,8 +70,10 @@ def run_job(job_id: str, ctx: JobContext | None = None) -> str:
         if job.status == state.QUEUED and _at_running_quota(s, job, settings):
             from app.jobs.monitor import send
 
+            tenant_id = job.tenant_id
+            s.rollback()  # release the tenant lock before talking to the broker
             delay = max(1.0, settings.job_monitor_interval_s * 2)
-            log.info("job %s waits: tenant %s is at its running-jobs quota", job_id, job.tenant_id)
+            log.info("job %s waits: tenant %s is at its running-jobs quota", job_id, tenant_id)
             send(ctx, job_id, delay)
             return "deferred"
         if not state.claim_job(s, job_id, worker_id, settings.job_stale_after_s):
@@ -90,6 +92,11 @@ def _at_running_quota(s, job: Job, settings) -> bool:
         quota = settings.max_running_jobs_per_tenant
     if quota is None or quota <= 0:
         return False
+    # two workers starting two jobs of one tenant at once must not both see one slot free: the
+    # tenant stays locked until claim_job commits (or the session closes on the deferred path)
+    from app.quotas import lock_tenant
+
+    lock_tenant(s, job.tenant_id)
     running = s.scalar(select(func.count()).select_from(Job).where(
         Job.tenant_id == job.tenant_id, Job.status == state.RUNNING))
     return running >= quota
