@@ -1,5 +1,7 @@
 """Per-tenant quotas on the real service: 429 + Retry-After + the OpenAI envelope naming the quota,
-for request and token rates, files, storage bytes and adapters; usage and limits in the admin GET."""
+for request and token rates, files, storage bytes and adapters; usage and limits in the admin GET.
+On the distributed service: racing uploads never pass the files quota, and two API replicas share
+one rate budget (the windows are in Redis)."""
 
 from __future__ import annotations
 
@@ -133,3 +135,66 @@ def test_jsonl_line_limit_is_reported_in_the_file(svc):
     big = '{"prompt": "' + "x" * (64 * 1024) + '", "completion": " y"}\n'
     f = wait_file(t.client, upload(t.client, GOOD + big).json()["id"])
     assert f["status"] == "error" and "line 21: too long" in f["status_details"], f
+
+
+# ---------------------------------------------------------------- distributed: replicas and races
+# PostgreSQL + Redis + S3 (moto); skipped when PostgreSQL or Redis is not reachable.
+
+
+def test_concurrent_uploads_never_pass_the_files_quota(distributed_service):
+    """12 uploads at once with 3 slots: exactly 3 files, 9 answers of 429 naming the quota (the
+    check and the insert share a transaction with the tenant row locked: SELECT ... FOR UPDATE)."""
+    import threading
+
+    svc = distributed_service
+    t = svc.make_tenant()
+    set_quotas(svc, t.id, files=3)
+    clients = [svc.client(t.key) for _ in range(12)]
+    start = threading.Barrier(len(clients))
+    responses = []
+
+    def go(c):
+        start.wait()
+        responses.append(upload(c, GOOD))
+
+    threads = [threading.Thread(target=go, args=(c,)) for c in clients]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(60)
+    assert sorted(r.status_code for r in responses) == [200] * 3 + [429] * 9, [r.text for r in responses]
+    for r in responses:
+        if r.status_code == 429:
+            err = assert_429(r, "files", "insufficient_quota")
+            assert "files quota of 3 exceeded" in err["message"]
+    listed = t.client.get("/v1/files").json()["data"]
+    assert len(listed) == 3 and {f["id"] for f in listed} == {r.json()["id"] for r in responses if r.status_code == 200}
+    assert svc.admin.get(f"/v1/admin/tenants/{t.id}").json()["usage"]["files"] == 3
+
+
+def test_api_replicas_share_one_rate_budget(distributed_service, tmp_path):
+    """Two API processes on the same PostgreSQL, Redis and S3 (K replicas behind a load balancer):
+    a requests_per_minute quota of 4 admits 4 requests in total, not 4 per replica."""
+    from tests.integration.conftest import ServiceProcess
+
+    svc = distributed_service
+    data_dir = tmp_path / "replica2"
+    data_dir.mkdir()
+    replica = ServiceProcess(dict(svc.env, DATA_DIR=str(data_dir)), data_dir, "distributed").start()
+    try:
+        replica.wait_ready()
+        svc.wait_ready()
+        t = svc.make_tenant()
+        set_quotas(svc, t.id, requests_per_minute=4, tokens_per_minute=1000)
+        c1, c2 = t.client, replica.client(t.key)
+        for c in (c1, c2, c1, c2):
+            r = complete(c, BASE, max_tokens=1)
+            assert r.status_code == 200, r.text
+        for c in (c1, c2):
+            assert_429(complete(c, BASE, max_tokens=1), "requests_per_minute", "rate_limit_error")
+        # both replicas report the one shared window
+        for admin in (svc.admin, replica.admin):
+            usage = admin.get(f"/v1/admin/tenants/{t.id}").json()["usage"]
+            assert usage["requests_per_minute"] == 4 and 4 < usage["tokens_per_minute"] <= 1000, usage
+    finally:
+        replica.stop()
