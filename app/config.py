@@ -38,7 +38,8 @@ class Settings(BaseSettings):
     serving_enabled: bool = True  # SERVING_ENABLED=0: an API process that loads no model (tests, admin-only)
     adapter_cache_size: int = 64
     batch_window_ms: int = 10
-    max_batch_size: int = 32
+    max_batch_size: int = 32  # live rows in the continuous decode batch
+    max_prefill_tokens: int = 512  # prompt tokens prefilled between two decode steps (at least one row)
     max_queued_requests: int = 256
 
     # input limits (every limit is a setting, documented in the README)

@@ -1,20 +1,24 @@
 """The serving engine: one frozen base, an adapter LRU cache, and one scheduler thread that runs
-mixed-prefix batches.
+a continuous, mixed-prefix decode batch.
 
 Flow of a request:
 1. The API resolves the model id for the tenant (SQL), then asks `prefix_for(model_id, ...)` for
    the adapter's key/values (LRU cache; loads the blob on a miss; checks the fingerprint).
 2. `submit_generation(...)` puts one `WorkItem` per choice into the fair scheduler and returns a
    `RequestHandle` bound to the caller's asyncio loop.
-3. The scheduler thread takes a batch (round-robin over tenants, after the gathering window),
-   calls `generate(base, requests, on_token, should_abort)` once for the whole batch, whatever
-   mix of adapters it holds, and bridges tokens and results back with `loop.call_soon_threadsafe`.
+3. The scheduler thread keeps one `DecodeBatch` (app.ml.generate). Between two decode steps it
+   drops cancelled rows, admits queued rows into the free slots (each slot to the tenant with the
+   fewest running rows, so one tenant's flood cannot starve another; prefill capped per step),
+   runs a few queued calls (scoring), then runs one decode step for every live row, whatever mix
+   of adapters it holds. Tokens and results go back with `loop.call_soon_threadsafe`. An idle
+   engine waits a short gathering window so that a burst is prefilled together.
 4. The API reads `handle.events()` (streaming) or `await handle.results()`; if the client goes
-   away it calls `handle.cancel()`, and `should_abort` drops the row at the next decoding step.
+   away it calls `handle.cancel()`, and the row leaves the batch before the next step.
 
 Only the scheduler thread runs the model, so torch never runs two forwards at once in this process.
-Switching the served base loads the new one in the caller's thread, then swaps it in between
-batches; a queued row that was admitted for the old base fails with `BaseChangedError` (409).
+Switching the served base loads the new one in the caller's thread, then swaps it in; the running
+batch finishes on the old base while new rows wait, and a queued row that was admitted for the old
+base fails with `BaseChangedError` (409).
 """
 
 from __future__ import annotations
@@ -137,27 +141,34 @@ class RequestHandle:
         return out
 
 
+# Calls (scoring) run between two decode steps of a running batch: a few per step, so that they
+# make progress under a full batch without stalling its decode.
+CALLS_PER_STEP = 2
+
+
 class ServingEngine:
     def __init__(
         self,
         settings,
         *,
-        generate_fn: Callable | None = None,
+        batch_factory: Callable[[Any], Any] | None = None,
         adapter_loader: Callable[[str], Any] | None = None,
         check_compatible: Callable[[Any, Any], None] | None = None,
         base_loader: Callable[[str], Any] | None = None,
     ):
-        """`generate_fn(base, requests, on_token=, should_abort=)` defaults to app.ml.generate.generate;
+        """`batch_factory(base)` makes the continuous batch (default app.ml.generate.DecodeBatch:
+        `add(requests, keys)`, `step(on_token, should_abort)`, `drop(keys)`, `len()`);
         `adapter_loader(blob_key) -> Adapter` reads an adapter from storage (set by lifecycle);
         `base_loader(path) -> Base` defaults to app.ml.base.load_base."""
         self.settings = settings
         self.max_batch_size = settings.max_batch_size
+        self.max_prefill_tokens = settings.max_prefill_tokens
         self.window_s = settings.batch_window_ms / 1000.0
         self.scheduler = FairScheduler(settings.max_queued_requests, on_drop=self._dropped)
         self.cache: AdapterCache[CachedPrefix] = AdapterCache(
             settings.adapter_cache_size, on_hit=metrics.cache_hit, on_miss=metrics.cache_miss
         )
-        self._generate_fn = generate_fn
+        self._batch_factory = batch_factory
         self._adapter_loader = adapter_loader
         self._check_compatible = check_compatible
         self._base_loader = base_loader
@@ -168,8 +179,11 @@ class ServingEngine:
         self._stop = threading.Event()
         self.loading = False
         self.error: str | None = None
-        self.batches_run = 0
-        self.last_batch: list[WorkItem] = []  # for tests and introspection
+        self._batch = None  # the DecodeBatch, with the ServedBase it runs on
+        self._batch_served: ServedBase | None = None
+        self._running: dict[int, WorkItem] = {}  # row key -> item, the rows in the batch
+        self._next_key = 0
+        self.steps_run = 0
 
     # -- state -------------------------------------------------------------------------------
     @property
@@ -205,6 +219,7 @@ class ServingEngine:
             "fingerprint": served.fingerprint if served else None,
             "error": self.error,
             "queued": len(self.scheduler),
+            "running": len(self._running),
             "adapter_cache": {"size": len(self.cache), "capacity": self.cache.capacity,
                               "hits": self.cache.hits, "misses": self.cache.misses},
         }
@@ -314,7 +329,8 @@ class ServingEngine:
         fp = served.fingerprint if fingerprint is None else fingerprint
         handle = RequestHandle(asyncio.get_running_loop(), len(requests), stream)
         handle.items = [
-            WorkItem(tenant_id, _Generate(req, fp), kind="generate", handle=handle, index=i, key=key)
+            WorkItem(tenant_id, _Generate(req, fp), kind="generate", handle=handle, index=i, key=key,
+                     cost=len(getattr(req, "prompt_ids", ()) or ()))
             for i, req in enumerate(requests)
         ]
         self._submit(handle.items)
@@ -349,7 +365,7 @@ class ServingEngine:
         if tenant_id is None and key is None:
             return 0
         n = 0
-        for item in list(self.last_batch) + self.scheduler.queued_items():
+        for item in self.running_items() + self.scheduler.queued_items():
             if (tenant_id is None or item.tenant_id == tenant_id) and (key is None or item.key == key):
                 item.cancel(reason)
                 n += 1
@@ -366,88 +382,144 @@ class ServingEngine:
         item.handle.emit(("error", item.index, RequestCancelledError(item.cancel_reason or "cancelled")))
 
     # -- the scheduler thread ----------------------------------------------------------------
+    def running_items(self) -> list[WorkItem]:
+        return list(self._running.values())
+
     def _loop(self) -> None:
         while not self._stop.is_set():
-            batch = self.scheduler.next_batch(self.max_batch_size, self.window_s, timeout=0.5)
-            metrics.queue_depth(len(self.scheduler))
-            if not batch:
-                continue
             try:
-                self._run_batch(batch)
-            except Exception as exc:  # noqa: BLE001 - a batch failure must not kill the thread
-                log.exception("batch failed")
-                for item in batch:
-                    item.handle.emit(("error", item.index, exc))
+                self._iteration()
+            except Exception as exc:  # noqa: BLE001 - a failed step must not kill the thread
+                log.exception("decode step failed")
+                self._fail_running(exc)
+        self._fail_running(None)  # stopping: running rows end as aborted
 
-    def _run_batch(self, batch: list[WorkItem]) -> None:
+    def _iteration(self) -> None:
+        if not self._running:  # idle: block, and gather a burst so that it is prefilled together
+            items = self.scheduler.next_batch(self.max_batch_size, self.window_s, timeout=0.5,
+                                              budget=self.max_prefill_tokens)
+        else:
+            items = self.scheduler.take(self._free_slots(), live=self._live_by_tenant(),
+                                        budget=self.max_prefill_tokens, max_calls=CALLS_PER_STEP)
+        metrics.queue_depth(len(self.scheduler))
+        gens = self._check_admission([item for item in items if item.kind == "generate"])
+        if gens:
+            self._admit(gens)
+        for item in items:
+            if item.kind == "call":
+                self._run_call(item)
+        self._drop_cancelled()
+        if self._running:
+            self._step()
+
+    def _free_slots(self) -> int:
         served = self._served
-        runnable: list[WorkItem] = []
-        for item in batch:
+        if served is None or self._batch_served is not served:
+            return 0  # the base changed: the running batch drains on the old one before new rows join
+        return max(0, self.max_batch_size - len(self._running))
+
+    def _live_by_tenant(self) -> dict[str, int]:
+        live: dict[str, int] = {}
+        for item in self._running.values():
+            live[item.tenant_id] = live.get(item.tenant_id, 0) + 1
+        return live
+
+    def _check_admission(self, items: list[WorkItem]) -> list[WorkItem]:
+        served = self._served
+        ok = []
+        for item in items:
             if served is None:
                 item.handle.emit(("error", item.index, EngineNotReadyError("no base model is loaded")))
             elif item.payload.fingerprint != served.fingerprint:
                 item.handle.emit(("error", item.index, BaseChangedError(
                     f"the served base changed to '{served.id}' while the request was queued")))
             else:
-                runnable.append(item)
-        self.last_batch = runnable
-        self.batches_run += 1
-        gens = [item for item in runnable if item.kind == "generate"]
-        calls = [item for item in runnable if item.kind == "call"]
-        if gens:
-            self._run_generation(served, gens)
-        for item in calls:
-            if item.cancelled:
-                item.handle.emit(("error", item.index, RequestCancelledError(item.cancel_reason or "cancelled")))
-                continue
-            try:
-                item.handle.emit(("done", item.index, item.payload.fn(served.base)))
-            except Exception as exc:  # noqa: BLE001
-                item.handle.emit(("error", item.index, exc))
-        self.last_batch = []
+                ok.append(item)
+        return ok
 
-    def _run_generation(self, served: ServedBase, gens: list[WorkItem]) -> None:
-        generate = self._generate_fn
-        if generate is None:
-            from app.ml.generate import generate
-        requests = [item.payload.request for item in gens]
-        metrics.batch(len(gens), len({id(getattr(r, "prefix", None)) for r in requests}))
-        stop = self._stop
+    def _run_call(self, item: WorkItem) -> None:
+        served = self._served
+        if self._check_admission([item]) == []:
+            return
+        if item.cancelled:
+            item.handle.emit(("error", item.index, RequestCancelledError(item.cancel_reason or "cancelled")))
+            return
+        try:
+            item.handle.emit(("done", item.index, item.payload.fn(served.base)))
+        except Exception as exc:  # noqa: BLE001
+            item.handle.emit(("error", item.index, exc))
 
-        streamed: set[int] = set()
+    def _admit(self, items: list[WorkItem]) -> None:
+        """Prefill `items` into the batch. A failing group is retried row by row, so that one bad
+        row (a bad prefix, a too-long prompt) fails alone and not its neighbours."""
+        if not self._running or self._batch is None:
+            factory = self._batch_factory
+            if factory is None:
+                from app.ml.generate import DecodeBatch as factory
+            self._batch, self._batch_served = factory(self._served.base), self._served
+        keys = list(range(self._next_key, self._next_key + len(items)))
+        self._next_key += len(items)
+        try:
+            done = self._batch.add([item.payload.request for item in items], keys)
+        except Exception as exc:  # noqa: BLE001
+            if len(items) == 1:
+                items[0].handle.emit(("error", items[0].index, exc))
+                return
+            log.warning("prefill of %d rows failed (%s); admitting them one by one", len(items), exc)
+            for item in items:
+                self._admit([item])
+            return
+        self._running.update(zip(keys, items))
+        for key, result in done:
+            self._finish(key, result)
 
-        def on_token(row: int, token_id: int, text: str) -> None:
-            item = gens[row]
-            streamed.add(row)
+    def _finish(self, key: int, result: Any) -> None:
+        item = self._running.pop(key)
+        if item.cancel_reason:
+            item.handle.emit(("error", item.index, RequestCancelledError(item.cancel_reason)))
+        else:
+            item.handle.emit(("done", item.index, result))
+
+    def _drop_cancelled(self) -> None:
+        """Cancelled rows (client gone, key revoked, tenant suspended) leave before the next step,
+        so their slots are free for queued rows at once."""
+        gone = [key for key, item in self._running.items() if item.cancelled]
+        if gone:
+            for key, result in self._batch.drop(gone):
+                self._finish(key, result)
+
+    def _step(self) -> None:
+        running, stop = self._running, self._stop
+        rows = len(running)
+        metrics.batch(rows, len({id(getattr(item.payload.request, "prefix", None)) for item in running.values()}))
+
+        def on_token(key: int, token_id: int, text: str) -> None:
+            item = running[key]
             if item.handle.stream and not item.cancelled:
                 item.handle.emit(("token", item.index, token_id, text))
 
-        def should_abort(row: int | None = None) -> bool:
-            if stop.is_set():
-                return True
-            if row is None:
-                return all(item.cancelled for item in gens)
-            return gens[row].cancelled
+        def should_abort(key: int) -> bool:
+            return stop.is_set() or running[key].cancelled
 
         t0 = time.perf_counter()
-        try:
-            results = generate(served.base, requests, on_token=on_token, should_abort=should_abort)
-        except Exception:  # noqa: BLE001
-            if len(gens) == 1 or streamed:  # after tokens went out, a rerun would repeat them
-                raise
-            # one bad row must not fail its batch neighbours: run each row alone
-            log.exception("batch of %d failed; retrying its rows one by one", len(gens))
-            for item in gens:
-                try:
-                    self._run_generation(served, [item])
-                except Exception as exc:  # noqa: BLE001
-                    item.handle.emit(("error", item.index, exc))
-            return
-        elapsed = time.perf_counter() - t0
-        tokens = sum(int(getattr(r, "completion_tokens", 0) or 0) for r in results)
-        metrics.tokens(tokens, elapsed)
-        for item, result in zip(gens, results):
-            if item.cancel_reason:
-                item.handle.emit(("error", item.index, RequestCancelledError(item.cancel_reason)))
-            else:
-                item.handle.emit(("done", item.index, result))
+        done = self._batch.step(on_token=on_token, should_abort=should_abort)
+        metrics.tokens(rows, time.perf_counter() - t0)  # every live row took one token
+        self.steps_run += 1
+        for key, result in done:
+            self._finish(key, result)
+
+    def _fail_running(self, exc: BaseException | None) -> None:
+        """End every running row: with `exc` (after a failed step the batch state is unknown, and
+        tokens already went out, so a rerun would repeat them), or as aborted (`None`, stopping)."""
+        batch, running = self._batch, dict(self._running)
+        self._batch, self._batch_served = None, None
+        if exc is None and batch is not None and running:
+            try:
+                for key, result in batch.drop(list(running)):
+                    self._finish(key, result)
+                return
+            except Exception as drop_exc:  # noqa: BLE001
+                exc = drop_exc
+        for key, item in running.items():
+            self._running.pop(key, None)
+            item.handle.emit(("error", item.index, exc or SchedulerClosedError("the server is shutting down")))

@@ -1,17 +1,20 @@
-"""A fair, bounded request queue that hands out batches (pure logic: no torch, no asyncio).
+"""A fair, bounded request queue that hands out work for a continuous batch (pure logic: no
+torch, no asyncio).
 
 Every queued unit is a `WorkItem` (one generated row, or one scoring call). Items wait in
-per-tenant FIFO queues; `take(max_size)` builds a batch round-robin across tenants, one item per
-tenant per round, and the rotation carries over from batch to batch. So however many requests
-tenant A has queued, tenant B's request is in the very next batch (or, with a batch size of 1,
-the one after A's current turn): nobody waits behind another tenant's backlog.
+per-tenant FIFO queues. `take(max_size, live=...)` picks items one at a time, each time from the
+tenant with the fewest rows already running (`live`) plus rows taken in this call, ties broken
+round-robin, and the rotation carries over from call to call. So however many requests tenant A
+has queued or running, tenant B's request is taken at the next opportunity: nobody waits behind
+another tenant's backlog. A prefill budget (`budget`, in `WorkItem.cost` units: prompt tokens)
+keeps one admission from stalling the running rows' decode for long; calls (scoring) can be
+limited separately (`max_calls`) since they take no slot in the batch.
 
-`next_batch` adds the gathering window: it blocks until something is queued, then keeps gathering
-while requests keep arriving: until `max_size` items are queued, or nothing new came for
-`window_s`, or the oldest queued item has waited `GATHER_CAP` windows, whichever comes first. A
-lone request waits one window; a burst of concurrent requests (which reach the engine spread
-out by HTTP parsing and auth) lands in one batch. Items that piled up while the previous batch
-ran are taken at once, without extra wait.
+`next_batch` is for an idle engine and adds the gathering window: it blocks until something is
+queued, then keeps gathering while requests keep arriving: until `max_size` items are queued, or
+nothing new came for `window_s`, or the oldest queued item has waited `GATHER_CAP` windows,
+whichever comes first. A lone request waits one window; a burst of concurrent requests (which
+reach the engine spread out by HTTP parsing and auth) is prefilled together.
 
 The queue is bounded by `max_queued` items: `submit` raises `QueueFullError` (the API answers 429
 with `Retry-After`) rather than letting memory grow without limit. A request's rows are admitted
@@ -51,6 +54,7 @@ class WorkItem:
     index: int = 0  # choice index within the request
     key: str | None = None  # which credential submitted it (e.g. the API key's hash), for revocation
     cancel_reason: str | None = None  # set when the server (not the client) cancelled it
+    cost: int = 0  # prefill work (prompt tokens), counted against `take`'s budget
     enqueued_at: float = field(default_factory=time.monotonic)
     cancel_event: threading.Event = field(default_factory=threading.Event)
 
@@ -103,15 +107,55 @@ class FairScheduler:
         with self._cond:
             return {t: len(q) for t, q in self._queues.items()}
 
-    def take(self, max_size: int) -> list[WorkItem]:
-        """Up to `max_size` items, round-robin over tenants. Cancelled items are dropped."""
+    def take(self, max_size: int, live: dict[str, int] | None = None, budget: int | None = None,
+             max_calls: int | None = None) -> list[WorkItem]:
+        """Up to `max_size` items, each from the tenant with the fewest `live` (running) plus
+        already-taken items, ties round-robin. Generation items stop once their `cost` would pass
+        `budget` (the first always fits). With `max_calls`, calls are counted apart (up to
+        `max_calls`) instead of against `max_size`. Cancelled items are dropped."""
         with self._cond:
-            return self._take_locked(max_size)
+            return self._take_locked(max_size, live, budget, max_calls)
 
-    def _take_locked(self, max_size: int) -> list[WorkItem]:
+    def _fits(self, item: WorkItem, n_batch: int, n_gen: int, n_calls: int, spent: int, max_size: int,
+              budget: int | None, max_calls: int | None) -> bool:
+        if item.kind == "call" and max_calls is not None:
+            return n_calls < max_calls
+        if (n_batch if max_calls is None else n_gen) >= max_size:
+            return False
+        return item.kind == "call" or budget is None or spent == 0 or spent + item.cost <= budget
+
+    def _drop_cancelled_heads_locked(self) -> None:
+        for tenant in list(self._active):
+            q = self._queues[tenant]
+            while q and q[0].cancelled:
+                item = q.popleft()
+                self._size -= 1
+                if self._on_drop is not None:
+                    self._on_drop(item)
+            if not q:
+                del self._queues[tenant]
+                self._active.remove(tenant)
+
+    def _take_locked(self, max_size: int, live: dict[str, int] | None = None, budget: int | None = None,
+                     max_calls: int | None = None) -> list[WorkItem]:
+        live = live or {}
         batch: list[WorkItem] = []
-        while len(batch) < max_size and self._active:
-            tenant = self._active.popleft()
+        taken: dict[str, int] = {}
+        n_gen = n_calls = spent = 0
+        while True:
+            self._drop_cancelled_heads_locked()
+            best, best_load = None, None
+            for pos, tenant in enumerate(self._active):  # earliest in the rotation wins a tie
+                head = self._queues[tenant][0]
+                if not self._fits(head, len(batch), n_gen, n_calls, spent, max_size, budget, max_calls):
+                    continue
+                load = live.get(tenant, 0) + taken.get(tenant, 0)
+                if best_load is None or load < best_load:
+                    best, best_load = pos, load
+            if best is None:
+                return batch
+            tenant = self._active[best]
+            del self._active[best]
             q = self._queues[tenant]
             item = q.popleft()
             self._size -= 1
@@ -119,18 +163,20 @@ class FairScheduler:
                 self._active.append(tenant)
             else:
                 del self._queues[tenant]
-            if item.cancelled:
-                if self._on_drop is not None:
-                    self._on_drop(item)
-                continue
+            taken[tenant] = taken.get(tenant, 0) + 1
+            if item.kind == "call":
+                n_calls += 1
+            else:
+                n_gen += 1
+                spent += item.cost
             batch.append(item)
-        return batch
 
     def _oldest_locked(self) -> float | None:
         heads = [q[0].enqueued_at for q in self._queues.values() if q]
         return min(heads) if heads else None
 
-    def next_batch(self, max_size: int, window_s: float, timeout: float | None = None) -> list[WorkItem]:
+    def next_batch(self, max_size: int, window_s: float, timeout: float | None = None,
+                   budget: int | None = None) -> list[WorkItem]:
         """Block for the next batch (empty on timeout or close)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
@@ -147,7 +193,7 @@ class FairScheduler:
                 gather_until = min(self._last_arrival + window_s, oldest + GATHER_CAP * window_s)
                 wait = gather_until - time.monotonic()
                 if self._size >= max_size or wait <= 0:
-                    batch = self._take_locked(max_size)
+                    batch = self._take_locked(max_size, budget=budget)
                     if batch:
                         return batch
                     continue  # everything queued had been cancelled

@@ -1,4 +1,4 @@
-"""ServingEngine with a fake generate function: batching, fairness, streaming, cancel, bounds."""
+"""ServingEngine over a fake continuous batch (pure Python): batching, fairness, streaming, cancel, bounds."""
 
 import asyncio
 import threading
@@ -33,34 +33,64 @@ class FakeBase:
     fingerprint: str = "fp1"
     model: object = None
     device: str = "cpu"
-    batches: list = field(default_factory=list)
+    batches: list = field(default_factory=list)  # the tags of each group of rows admitted together
+    admitted_at: list = field(default_factory=list)  # the step count at each admission
+    steps: int = 0
+    gate: threading.Event = field(default_factory=threading.Event)  # steps wait for it (set = run)
+    bad_tag: str | None = None  # a group holding a row with this tag fails its prefill
+
+    def __post_init__(self):
+        self.gate.set()
 
 
-def fake_generate(base, requests, on_token=None, should_abort=None):
-    base.batches.append([r.tag for r in requests])
-    out = []
-    texts = [""] * len(requests)
-    finish = [None] * len(requests)
-    for step in range(max(r.max_tokens for r in requests)):
+class FakeBatch:
+    """The engine's continuous batch, in pure Python: each step gives every live row the token
+    f"{tag}{n} " (its n-th); rows finish at max_tokens or on should_abort."""
+
+    def __init__(self, base):
+        self.base = base
+        self.rows: dict = {}  # key -> [request, tokens so far, text]
+
+    def __len__(self):
+        return len(self.rows)
+
+    def add(self, requests, keys):
+        if self.base.bad_tag and any(r.tag == self.base.bad_tag for r in requests):
+            raise ValueError("bad row")
+        self.base.batches.append([r.tag for r in requests])
+        self.base.admitted_at.append(self.base.steps)
+        for k, r in zip(keys, requests):
+            self.rows[k] = [r, 0, ""]
+        return []
+
+    def drop(self, keys):
+        return [(k, self._result(k, "abort")) for k in keys if k in self.rows]
+
+    def _result(self, key, finish):
+        r, n, text = self.rows.pop(key)
+        return Res(text, finish, n)
+
+    def step(self, on_token=None, should_abort=None):
+        self.base.gate.wait(5)
         time.sleep(0.005)
-        for i, r in enumerate(requests):
-            if finish[i] or step >= r.max_tokens:
-                continue
-            if should_abort and should_abort(i):
-                finish[i] = "abort"
-                continue
-            piece = f"{r.tag}{step} "
-            texts[i] += piece
+        self.base.steps += 1
+        done = []
+        for key, row in list(self.rows.items()):
+            r, n, _ = row
+            piece = f"{r.tag}{n} "
+            row[1], row[2] = n + 1, row[2] + piece
             if on_token:
-                on_token(i, step, piece)
-    for i, r in enumerate(requests):
-        out.append(Res(texts[i], finish[i] or "length", len(texts[i].split())))
-    return out
+                on_token(key, n, piece)
+            if row[1] >= r.max_tokens:
+                done.append((key, self._result(key, "length")))
+            elif should_abort and should_abort(key):
+                done.append((key, self._result(key, "abort")))
+        return done
 
 
 def make_engine(**overrides):
     s = Settings(**{"batch_window_ms": 50, "max_batch_size": 8, "max_queued_requests": 64, **overrides})
-    e = ServingEngine(s, generate_fn=fake_generate)
+    e = ServingEngine(s, batch_factory=FakeBatch)
     base = FakeBase()
     e.start(lambda: ("tiny", base))
     assert e.wait_ready(5)
@@ -87,14 +117,8 @@ def test_concurrent_requests_share_a_batch_and_stream():
 
 def test_fairness_through_the_engine():
     e, base = make_engine(max_batch_size=4)
-    gate = threading.Event()
-    orig = e._generate_fn
-
-    def gated(*a, **k):
-        gate.wait(5)
-        return orig(*a, **k)
-
-    e._generate_fn = gated
+    gate = base.gate
+    gate.clear()
 
     async def main():
         ha = [e.submit_generation("A", [Req([1], max_tokens=1, tag="A")]) for _ in range(40)]
@@ -111,9 +135,8 @@ def test_fairness_through_the_engine():
 
 def test_queue_bound_raises():
     e, base = make_engine(max_queued_requests=3)
-    gate = threading.Event()
-    orig = e._generate_fn
-    e._generate_fn = lambda *a, **k: (gate.wait(5), orig(*a, **k))[1]
+    gate = base.gate
+    gate.clear()
 
     async def main():
         first = e.submit_generation("A", [Req([1], tag="x")])
@@ -151,9 +174,8 @@ def test_cancel_aborts_the_row_and_others_finish():
 
 def test_base_switch_fails_queued_rows_of_the_old_base():
     e, base = make_engine()
-    gate = threading.Event()
-    orig = e._generate_fn
-    e._generate_fn = lambda *a, **k: (gate.wait(5), orig(*a, **k))[1]
+    gate = base.gate
+    gate.clear()
 
     async def main():
         first = e.submit_generation("A", [Req([1], tag="x")])
@@ -182,7 +204,7 @@ def test_run_call_runs_on_scheduler_thread():
 
 def test_not_ready_before_load_and_load_error_reported():
     s = Settings()
-    e = ServingEngine(s, generate_fn=fake_generate)
+    e = ServingEngine(s, batch_factory=FakeBatch)
 
     def bad():
         raise RuntimeError("no such dir")
@@ -215,14 +237,7 @@ def test_cancel_key_fails_queued_and_running_rows_of_that_key_only():
 
 def test_a_failing_row_does_not_fail_its_batch_neighbours():
     e, base = make_engine()
-    orig = e._generate_fn
-
-    def picky(b, requests, **kw):
-        if any(r.tag == "bad" for r in requests):
-            raise ValueError("bad row")
-        return orig(b, requests, **kw)
-
-    e._generate_fn = picky
+    base.bad_tag = "bad"
 
     async def main():
         good = e.submit_generation("A", [Req([1], tag="g")])
@@ -232,4 +247,62 @@ def test_a_failing_row_does_not_fail_its_batch_neighbours():
         return (await good.results())[0]
 
     assert asyncio.run(main()).text == "g0 g1 g2 "
+    e.stop()
+
+
+@pytest.mark.parametrize("max_batch", [4, 32])
+def test_b_is_admitted_within_two_steps_while_a_has_200_requests_queued_and_running(max_batch):
+    e, base = make_engine(max_batch_size=max_batch, max_queued_requests=1000)
+
+    async def main():
+        ha = [e.submit_generation("A", [Req([1], max_tokens=1 + i % 3, tag="A")]) for i in range(200)]
+        while base.steps < 3:  # A's rows are cycling through a full batch
+            await asyncio.sleep(0.005)
+        assert len(e.scheduler) > 50 and len(e.running_items()) >= max_batch // 2
+        at = base.steps
+        hb = e.submit_generation("B", [Req([1], max_tokens=2, tag="B")])
+        await asyncio.gather(*(h.results() for h in ha + [hb]))
+        return at
+
+    submitted_at = asyncio.run(main())
+    e.stop()
+    b = next(i for i, tags in enumerate(base.batches) if "B" in tags)
+    assert base.admitted_at[b] <= submitted_at + 2, (base.admitted_at[b], submitted_at)
+
+
+def test_cancelling_a_running_row_frees_its_slot_for_a_queued_one():
+    e, base = make_engine(max_batch_size=1)
+
+    async def main():
+        long = e.submit_generation("A", [Req([1], max_tokens=10_000, tag="long")], stream=True)
+        await long.next_event(5)  # running
+        queued = e.submit_generation("B", [Req([1], max_tokens=2, tag="q")])
+        await asyncio.sleep(0.05)
+        assert base.batches == [["long"]]  # no free slot: B waits
+        at = base.steps
+        long.cancel()
+        res = (await asyncio.wait_for(queued.results(), 5))[0]
+        return at, res
+
+    at, res = asyncio.run(main())
+    e.stop()
+    assert res.text == "q0 q1 "
+    assert base.batches[1] == ["q"] and base.admitted_at[1] <= at + 1
+
+
+def test_calls_run_between_steps_of_a_full_batch():
+    e, base = make_engine(max_batch_size=2)
+
+    async def main():
+        ha = [e.submit_generation("A", [Req([1], max_tokens=300, tag="A")]) for _ in range(4)]
+        while base.steps < 3:
+            await asyncio.sleep(0.005)
+        steps = base.steps
+        got = await asyncio.wait_for(e.run_call("B", lambda b: b.fingerprint), 5)
+        assert base.steps - steps < 50  # long before A's rows end (300 steps)
+        for h in ha:
+            h.cancel()
+        return got
+
+    assert asyncio.run(main()) == "fp1"
     e.stop()

@@ -9,7 +9,7 @@ import torch
 from app.config import Settings
 from app.ml.adapter import Adapter, adapter_to_bytes, adapter_from_bytes
 from app.ml.base import load_base
-from app.ml.generate import GenerationRequest, generate
+from app.ml.generate import DecodeBatch, GenerationRequest, generate
 from app.ml.prefix import PrefixConfig
 from app.serving.engine import ServingEngine
 
@@ -22,6 +22,17 @@ def random_adapter(base, P, seed):
     return Adapter.from_table(table, cfg, base.fingerprint)
 
 
+def recording(adds: list):
+    """A DecodeBatch factory that records (rows already running, rows joining) per admission."""
+
+    class Recording(DecodeBatch):
+        def add(self, requests, keys=None):
+            adds.append((len(self), len(requests)))
+            return super().add(requests, keys)
+
+    return Recording
+
+
 @pytest.fixture(scope="module")
 def base(tiny_base_dirs):
     return load_base(tiny_base_dirs["llama"])
@@ -30,12 +41,7 @@ def base(tiny_base_dirs):
 def test_mixed_adapters_batched_together_and_equal_solo(base):
     blobs = {"a1": adapter_to_bytes(random_adapter(base, 4, 1)), "a2": adapter_to_bytes(random_adapter(base, 7, 2))}
     batches = []
-
-    def recording_generate(b, requests, **kw):
-        batches.append(len(requests))
-        return generate(b, requests, **kw)
-
-    engine = ServingEngine(Settings(batch_window_ms=200, max_batch_size=16), generate_fn=recording_generate,
+    engine = ServingEngine(Settings(batch_window_ms=200, max_batch_size=16), batch_factory=recording(batches),
                            adapter_loader=lambda key: adapter_from_bytes(blobs[key]))
     engine.start(lambda: ("tiny", base))
     assert engine.wait_ready(10)
@@ -55,7 +61,7 @@ def test_mixed_adapters_batched_together_and_equal_solo(base):
 
     results = [r[0] for r in asyncio.run(main())]
     engine.stop()
-    assert batches == [4]  # one shared forward batch with two adapters and no adapter
+    assert batches == [(0, 4)]  # one shared batch with two adapters and no adapter
     for req, res in zip(reqs, results):
         solo = generate(base, [req])[0]
         assert res.token_ids == solo.token_ids and res.text == solo.text
@@ -71,3 +77,41 @@ def test_mismatched_adapter_refused(base):
     with pytest.raises(AdapterMismatchError):
         engine.prefix_for("x", "k")
     assert "x" not in engine.cache
+
+
+def test_a_request_joining_mid_batch_streams_the_same_tokens_as_alone(base):
+    blobs = {"a1": adapter_to_bytes(random_adapter(base, 5, 4)), "a2": adapter_to_bytes(random_adapter(base, 9, 5))}
+    adds = []
+    engine = ServingEngine(Settings(batch_window_ms=1, max_batch_size=8), batch_factory=recording(adds),
+                           adapter_loader=lambda key: adapter_from_bytes(blobs[key]))
+    engine.start(lambda: ("tiny", base))
+    assert engine.wait_ready(10)
+    tok = base.tokenizer
+    first = GenerationRequest(tok("The quick brown")["input_ids"], prefix=engine.prefix_for("m1", "a1").key_values,
+                              max_tokens=40, temperature=0, ignore_eos=True)
+    joiner = GenerationRequest(tok("name: Aromi | food: Chinese | area:")["input_ids"],
+                               prefix=engine.prefix_for("m2", "a2").key_values, max_tokens=8, temperature=0)
+
+    async def main():
+        h1 = engine.submit_generation("A", [first], stream=True)
+        tokens1 = [(await h1.next_event(10))[2] for _ in range(3)]  # first is decoding
+        h2 = engine.submit_generation("B", [joiner], stream=True)
+        tokens2, res2 = [], None
+        async for ev in h2.events():
+            if ev[0] == "token":
+                tokens2.append(ev[2])
+            elif ev[0] == "done":
+                res2 = ev[2]
+        async for ev in h1.events():
+            if ev[0] == "token":
+                tokens1.append(ev[2])
+            elif ev[0] == "done":
+                res1 = ev[2]
+        return tokens1, res1, tokens2, res2
+
+    tokens1, res1, tokens2, res2 = asyncio.run(main())
+    engine.stop()
+    assert adds[0] == (0, 1) and adds[1] == (1, 1)  # the second row joined the running one
+    assert res1.finish_reason == "length" and len(res1.token_ids) == 40  # still running when it joined
+    assert tokens1 == res1.token_ids == generate(base, [first])[0].token_ids
+    assert tokens2 == res2.token_ids == generate(base, [joiner])[0].token_ids

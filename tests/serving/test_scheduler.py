@@ -135,3 +135,52 @@ def test_a_burst_keeps_gathering_up_to_the_cap():
     t.join()
     assert len(batch) > 3  # more than one window's worth of arrivals
     assert waited < GATHER_CAP * window + 0.15  # but capped
+
+
+def test_tenant_with_fewer_running_rows_goes_first():
+    """Continuous batching: A fills the running batch and the queue; the free slot goes to B."""
+    s = FairScheduler(max_queued=1000)
+    s.submit(items("A", 200))
+    s.submit(items("B", 1))
+    assert [i.tenant_id for i in s.take(1, live={"A": 31})] == ["B"]
+    # with no one else waiting, A gets every free slot
+    assert [i.tenant_id for i in s.take(3, live={"A": 29})] == ["A"] * 3
+
+
+@pytest.mark.parametrize("max_batch", [2, 4, 32])
+def test_b_is_admitted_within_two_steps_while_a_has_200_queued_and_running(max_batch):
+    """A step-level simulation of the engine: A keeps the batch full (each of its rows runs 3
+    steps) with 200 more queued; B's one request is admitted within the next 2 steps."""
+    s = FairScheduler(max_queued=1000)
+    s.submit(items("A", 200))
+    running = {id(i): (i, 3 + k % 3) for k, i in enumerate(s.take(max_batch))}  # staggered ends
+    for step in range(6):  # A in steady state
+        running = {k: (i, n - 1) for k, (i, n) in running.items() if n > 1}
+        for i in s.take(max_batch - len(running), live={"A": len(running)}):
+            running[id(i)] = (i, 3)
+    s.submit(items("B", 1))
+    admitted_at = None
+    for step in range(2):
+        running = {k: (i, n - 1) for k, (i, n) in running.items() if n > 1}  # this step's finished rows leave
+        live: dict[str, int] = {}
+        for i, _ in running.values():
+            live[i.tenant_id] = live.get(i.tenant_id, 0) + 1
+        for i in s.take(max_batch - len(running), live=live):
+            running[id(i)] = (i, 3)
+            if i.tenant_id == "B" and admitted_at is None:
+                admitted_at = step
+    assert admitted_at is not None
+
+
+def test_prefill_budget_and_calls_apart():
+    s = FairScheduler(max_queued=100)
+    s.submit([WorkItem("A", cost=10) for _ in range(5)])
+    assert len(s.take(8, budget=25)) == 2
+    s.take(8)
+    s.submit([WorkItem("B", cost=100), WorkItem("B", cost=1)])
+    assert len(s.take(8, budget=25)) == 1  # the first one always fits
+    s.submit([WorkItem("C", kind="call") for _ in range(3)])
+    got = s.take(0, max_calls=2)  # a full batch still runs queued calls between steps
+    assert [i.kind for i in got] == ["call", "call"]
+    got = s.take(1, max_calls=1)
+    assert sorted(i.kind for i in got) == ["call", "generate"]
