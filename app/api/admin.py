@@ -13,7 +13,7 @@ from fastapi import APIRouter, Query, Request
 from sqlalchemy import delete, func, select
 
 from app import quotas
-from app.api.deps import AdminDep, BlobsDep, SessionDep, hash_key, new_api_key
+from app.api.deps import AdminDep, BlobsDep, SessionDep, hash_key, new_api_key, recently_stopped
 from app.api.errors import ID_PATTERN, bad_request, is_valid_id, not_found
 from app.api.schemas import (
     ApiKeyCreated, ApiKeyDeleted, ApiKeyList, ApiKeyPublic, TenantCreate, TenantCreated, TenantDeleted,
@@ -117,7 +117,10 @@ def update_tenant(tenant_id: str, body: TenantUpdate, request: Request, _: Admin
         t.quotas = quotas
     session.commit()
     if body.suspended:  # requests already queued or running for a batch stop too
+        recently_stopped(request.app).add(f"tenant:{t.id}")
         _serving_call(request, "cancel_tenant", t.id)
+    elif body.suspended is False:
+        recently_stopped(request.app).discard(f"tenant:{t.id}")
     return _with_usage(request, session, t)
 
 
@@ -157,6 +160,7 @@ def delete_tenant(tenant_id: str, request: Request, _: AdminDep, session: Sessio
                 evict(model_id)
             except Exception:  # noqa: BLE001
                 log.warning("serving engine could not evict %s", model_id, exc_info=True)
+    recently_stopped(request.app).add(f"tenant:{t.id}")
     _serving_call(request, "cancel_tenant", t.id, "the tenant was deleted")
     log.info("deleted tenant %s", t.id)
     return TenantDeleted(id=t.id)
@@ -188,7 +192,10 @@ def revoke_key(tenant_id: str, key_id: str, request: Request, _: AdminDep, sessi
     if row.revoked_at is None:
         row.revoked_at = now()
     session.commit()
-    _serving_call(request, "cancel_key", row.key_hash)  # queued requests made with it stop at once
+    # requests made with it stop at once: those queued or running now, and (through
+    # recently_stopped) those authenticated before the commit that reach the engine after this call
+    recently_stopped(request.app).add(f"key:{row.key_hash}")
+    _serving_call(request, "cancel_key", row.key_hash)
     return ApiKeyDeleted(id=row.id)
 
 

@@ -49,7 +49,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.api.deps import SessionDep, SettingsDep, TenantDep, bearer_token, hash_key
+from app.api.deps import SessionDep, SettingsDep, TenantDep, bearer_token, hash_key, recently_stopped
 from app.api.errors import APIError, envelope
 from app.api.models import Resolved, get_engine, resolve_model
 from app.quotas import charge_tokens, check_request_rate
@@ -293,10 +293,27 @@ def credential(request: Request) -> str | None:
     return hash_key(token) if token else None
 
 
+def stop_if_revoked(engine, request: Request, tenant_id: str) -> bool:
+    """After submitting: if the caller's key was revoked (or its tenant suspended) since it was
+    authenticated, the admin's cancel may have run before these rows were queued; cancel them now.
+    True when it did (the request then fails with request_cancelled)."""
+    stopped = recently_stopped(request.app)
+    key = credential(request)
+    if key and f"key:{key}" in stopped:
+        engine.cancel_key(key)
+        return True
+    if f"tenant:{tenant_id}" in stopped:
+        engine.cancel_tenant(tenant_id, "the tenant was suspended or deleted")
+        return True
+    return False
+
+
 def _submit(engine, request: Request, tenant_id: str, requests: list, fingerprint: str, stream: bool):
     try:
-        return engine.submit_generation(tenant_id, requests, fingerprint=fingerprint, stream=stream,
-                                        key=credential(request))
+        handle = engine.submit_generation(tenant_id, requests, fingerprint=fingerprint, stream=stream,
+                                          key=credential(request))
+        stop_if_revoked(engine, request, tenant_id)
+        return handle
     except QueueFullError as e:
         raise APIError(429, f"The server is at capacity ({e.queued} requests queued, limit {e.limit}); "
                             f"retry after {e.retry_after_s} s", type="rate_limit_error", code="server_busy",
@@ -629,6 +646,8 @@ async def classify(body: ClassifyCreate, request: Request, tenant: TenantDep, se
         raise
     except Exception as exc:  # noqa: BLE001
         raise _engine_error(exc) from None
+    if stop_if_revoked(engine, request, tenant.id):  # revoked while it ran: the answer is withheld
+        raise _engine_error(RequestCancelledError("the API key was revoked or the tenant suspended"))
     prompt_tokens = len(ids) * len(labels) + sum(len(x) for x in label_ids)
     return Classification(
         model=body.model,
