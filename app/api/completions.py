@@ -23,7 +23,10 @@ Other OpenAI parameters, decided one by one:
 Limits (settings): MAX_PROMPT_TOKENS, MAX_COMPLETION_TOKENS (`max_tokens` above it is a 400,
 never clamped), MAX_N, MAX_STOP_STRINGS, MAX_STOP_STRING_CHARS, MAX_CLASSIFY_LABELS. Quotas
 (`app/quotas.py`): every request counts against the tenant's requests_per_minute, and its prompt
-tokens + max_tokens x choices against tokens_per_minute (429 with Retry-After when over). The context check counts the adapter's prefix: prompt +
+tokens + max_tokens x choices against tokens_per_minute (429 with Retry-After when over; shared by
+every replica through Redis in distributed mode, 503 `rate_limiter_unavailable` when Redis cannot be
+reached). A request whose key is revoked, or whose tenant is suspended, while it waits or runs
+fails with 403 `request_cancelled` (a streamed one with that error event). The context check counts the adapter's prefix: prompt +
 num_virtual_tokens + max_tokens must fit the base's positions, or the answer is a 400 with the
 numbers. A chat request without `max_tokens` gets what is left of the context (at most
 MAX_COMPLETION_TOKENS).
