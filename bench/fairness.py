@@ -5,10 +5,15 @@ embedded mode, a fresh DATA_DIR, as `bench.serving` does), creates tenants A and
 imported prefix adapter each, and then:
 1. idle: B sends its requests one after another on an otherwise idle server;
 2. loaded: A keeps `--in-flight` (200) requests in flight (each one answered is replaced at
-   once); once A is in steady state (each of its first 200 answered, or 30 s / 60 s), B sends
-   the same requests one after another again.
+   once); once A is in steady state (A's requests answered twice over, or 30 s / 60 s), B
+   sends the same requests one after another again.
 It prints `b_latency_ratio` = B's median latency under load / B's median latency idle (target
 <= 3) as the last stdout line (JSON), with the percentiles and A's throughput.
+
+B's requests are sent from a process of its own (`python -m bench.fairness --b-client ...`), as a
+second tenant's client would be: sharing A's event loop, each of B's requests would also wait
+behind the client-side work of A's 200 (httpx parsing and sending on one busy loop), which adds
+latency the server cannot see.
 
 A and B send the same request shape (the same `max_tokens`, greedy). A's rate quotas are lifted
 through the admin API (`requests_per_minute` and `tokens_per_minute` = 0, unlimited): this measures
@@ -20,15 +25,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
 
-from bench.common import emit, log
+from bench.common import REPO, emit, log
 from bench.serving import PROMPTS, Service, _peft_zip, pick_base
 
 
@@ -53,7 +61,45 @@ async def _b_requests(url: str, key: str, model: str, n: int, max_tokens: int,
     return out
 
 
-async def _loaded(url: str, key_a: str, key_b: str, model_a: str, model_b: str, in_flight: int, n_b: int,
+class BClient:
+    """B's own process (`python -m bench.fairness --b-client URL KEY MODEL`), started once and kept
+    waiting, so that starting it costs nothing during a measurement: each `run(n, max_tokens)`
+    sends one line and reads back {"latencies", "depths"}."""
+
+    def __init__(self, url: str, key: str, model: str):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.fairness", "--b-client", json.dumps([url, key, model])],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO,
+        )
+        assert self.proc.stdout.readline().strip() == "ready"
+
+    def run(self, n: int, max_tokens: int) -> tuple[list[float], list]:
+        self.proc.stdin.write(json.dumps([n, max_tokens]) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"B's client exited with {self.proc.wait()}")
+        res = json.loads(line)
+        return res["latencies"], res["depths"]
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(30)
+
+
+def _b_client(spec: str) -> int:
+    """The loop of B's process: one line [n, max_tokens] in, one JSON line out."""
+    url, key, model = json.loads(spec)
+    print("ready", flush=True)
+    for line in sys.stdin:
+        n, max_tokens = json.loads(line)
+        depths: list[float] = []
+        latencies = asyncio.run(_b_requests(url, key, model, n, max_tokens, depths))
+        print(json.dumps({"latencies": latencies, "depths": depths}), flush=True)
+    return 0
+
+
+async def _loaded(url: str, key_a: str, b_client: BClient, model_a: str, in_flight: int, n_b: int,
                   max_tokens: int, warm_max_s: float) -> dict:
     stop = asyncio.Event()
     stats = {"a_done": 0, "a_429": 0, "a_errors": 0, "a_error_kinds": {}}
@@ -85,16 +131,16 @@ async def _loaded(url: str, key_a: str, key_b: str, model_a: str, model_b: str, 
                     error(f"{r.status_code}: {r.text[:120]}")
 
         workers = [asyncio.create_task(a_worker(w)) for w in range(in_flight)]
-        # steady state: every one of A's first requests answered (so A's requests are cycling and
-        # its backlog sits wherever the server keeps it), or warm_max_s, whichever comes first
+        # steady state: A's requests answered twice over (so they are cycling and its backlog sits
+        # wherever the server keeps it; the first round all starts at once and ends in a wave that
+        # the second round evens out), or warm_max_s, whichever comes first
         t_warm = time.perf_counter()
-        while stats["a_done"] < in_flight and time.perf_counter() - t_warm < warm_max_s:
+        while stats["a_done"] < 2 * in_flight and time.perf_counter() - t_warm < warm_max_s:
             await asyncio.sleep(0.25)
         warm_s = time.perf_counter() - t_warm
         t0 = time.perf_counter()
         done0 = stats["a_done"]
-        depths: list[float] = []
-        b = await _b_requests(url, key_b, model_b, n_b, max_tokens, depths)
+        b, depths = await asyncio.to_thread(b_client.run, n_b, max_tokens)
         elapsed = time.perf_counter() - t0
         a_rate = (stats["a_done"] - done0) / elapsed
         stop.set()
@@ -125,7 +171,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=None)
     ap.add_argument("--b-requests", type=int, default=None)
     ap.add_argument("--threads", type=int, default=int(os.environ.get("TORCH_THREADS", "1")))
+    ap.add_argument("--b-client", default=None, help=argparse.SUPPRESS)  # internal: B's own process
     args = ap.parse_args(argv)
+    if args.b_client:
+        return _b_client(args.b_client)
     max_tokens = args.max_tokens or (8 if args.quick else 16)
     n_b = args.b_requests or (6 if args.quick else 15)
 
@@ -154,12 +203,14 @@ def main(argv: list[str] | None = None) -> int:
                 r.raise_for_status()
                 models[name] = r.json()["id"]
             log("warm-up")
-            asyncio.run(_b_requests(svc.url, keys["B"], models["B"], 2, max_tokens))
+            b_client = BClient(svc.url, keys["B"], models["B"])
+            b_client.run(2, max_tokens)
             log(f"idle: B sends {n_b} requests one after another")
-            idle = asyncio.run(_b_requests(svc.url, keys["B"], models["B"], n_b, max_tokens))
+            idle, _ = b_client.run(n_b, max_tokens)
             log(f"  median {statistics.median(idle):.3f} s; loaded: A keeps {args.in_flight} in flight")
-            loaded = asyncio.run(_loaded(svc.url, keys["A"], keys["B"], models["A"], models["B"], args.in_flight,
+            loaded = asyncio.run(_loaded(svc.url, keys["A"], b_client, models["A"], args.in_flight,
                                          n_b, max_tokens, 30.0 if args.quick else 60.0))
+            b_client.close()
             log(f"  median {statistics.median(loaded['b']):.3f} s")
         finally:
             svc.stop()

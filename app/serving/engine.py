@@ -144,6 +144,13 @@ class RequestHandle:
 # Calls (scoring) run between two decode steps of a running batch: a few per step, so that they
 # make progress under a full batch without stalling its decode.
 CALLS_PER_STEP = 2
+# Slots that only a tenant with no running row may take (1/RESERVE of the batch, none below
+# RESERVE rows): when one tenant's rows fill the batch and all end at the same step (equal
+# max_tokens), a newcomer still joins at the next step instead of waiting for them.
+RESERVE = 8
+# A prefill forward costs about as much as a decode step of the whole batch, whatever its rows, so
+# rows of tenants the batch already serves join in groups, once 1/JOIN_GROUP of the slots are free.
+JOIN_GROUP = 4
 
 
 class ServingEngine:
@@ -163,6 +170,7 @@ class ServingEngine:
         self.settings = settings
         self.max_batch_size = settings.max_batch_size
         self.max_prefill_tokens = settings.max_prefill_tokens
+        self.reserved = self.max_batch_size // RESERVE  # slots kept for tenants with no running row
         self.window_s = settings.batch_window_ms / 1000.0
         self.scheduler = FairScheduler(settings.max_queued_requests, on_drop=self._dropped)
         self.cache: AdapterCache[CachedPrefix] = AdapterCache(
@@ -396,11 +404,10 @@ class ServingEngine:
 
     def _iteration(self) -> None:
         if not self._running:  # idle: block, and gather a burst so that it is prefilled together
-            items = self.scheduler.next_batch(self.max_batch_size, self.window_s, timeout=0.5,
+            items = self.scheduler.next_batch(self.max_batch_size - self.reserved, self.window_s, timeout=0.5,
                                               budget=self.max_prefill_tokens)
         else:
-            items = self.scheduler.take(self._free_slots(), live=self._live_by_tenant(),
-                                        budget=self.max_prefill_tokens, max_calls=CALLS_PER_STEP)
+            items = self._take_for_running_batch()
         metrics.queue_depth(len(self.scheduler))
         gens = self._check_admission([item for item in items if item.kind == "generate"])
         if gens:
@@ -411,6 +418,20 @@ class ServingEngine:
         self._drop_cancelled()
         if self._running:
             self._step()
+
+    def _take_for_running_batch(self) -> list[WorkItem]:
+        live, free = self._live_by_tenant(), self._free_slots()
+        # tenants with no running row first, into any free slot (the reserve included)
+        items = self.scheduler.take(free, live=live, budget=self.max_prefill_tokens, max_calls=0, newcomers_only=True)
+        for item in items:
+            live[item.tenant_id] = live.get(item.tenant_id, 0) + 1
+        spent = sum(item.cost for item in items)
+        # then everyone, outside the reserve, in groups
+        slots = free - len(items) - self.reserved
+        if slots < max(1, self.max_batch_size // JOIN_GROUP) and not items:
+            slots = 0
+        budget = max(0, self.max_prefill_tokens - spent) if items else self.max_prefill_tokens
+        return items + self.scheduler.take(max(0, slots), live=live, budget=budget, max_calls=CALLS_PER_STEP)
 
     def _free_slots(self) -> int:
         served = self._served

@@ -108,13 +108,14 @@ class FairScheduler:
             return {t: len(q) for t, q in self._queues.items()}
 
     def take(self, max_size: int, live: dict[str, int] | None = None, budget: int | None = None,
-             max_calls: int | None = None) -> list[WorkItem]:
+             max_calls: int | None = None, newcomers_only: bool = False) -> list[WorkItem]:
         """Up to `max_size` items, each from the tenant with the fewest `live` (running) plus
         already-taken items, ties round-robin. Generation items stop once their `cost` would pass
-        `budget` (the first always fits). With `max_calls`, calls are counted apart (up to
-        `max_calls`) instead of against `max_size`. Cancelled items are dropped."""
+        `budget` (the first always fits; a budget of 0 takes none). With `max_calls`, calls are
+        counted apart (up to `max_calls`) instead of against `max_size`. `newcomers_only`: only
+        from tenants with no `live` rows. Cancelled items are dropped."""
         with self._cond:
-            return self._take_locked(max_size, live, budget, max_calls)
+            return self._take_locked(max_size, live, budget, max_calls, newcomers_only)
 
     def _fits(self, item: WorkItem, n_batch: int, n_gen: int, n_calls: int, spent: int, max_size: int,
               budget: int | None, max_calls: int | None) -> bool:
@@ -122,7 +123,9 @@ class FairScheduler:
             return n_calls < max_calls
         if (n_batch if max_calls is None else n_gen) >= max_size:
             return False
-        return item.kind == "call" or budget is None or spent == 0 or spent + item.cost <= budget
+        if item.kind == "call" or budget is None:
+            return True
+        return budget > 0 and (spent == 0 or spent + item.cost <= budget)
 
     def _drop_cancelled_heads_locked(self) -> None:
         for tenant in list(self._active):
@@ -137,7 +140,7 @@ class FairScheduler:
                 self._active.remove(tenant)
 
     def _take_locked(self, max_size: int, live: dict[str, int] | None = None, budget: int | None = None,
-                     max_calls: int | None = None) -> list[WorkItem]:
+                     max_calls: int | None = None, newcomers_only: bool = False) -> list[WorkItem]:
         live = live or {}
         batch: list[WorkItem] = []
         taken: dict[str, int] = {}
@@ -146,6 +149,8 @@ class FairScheduler:
             self._drop_cancelled_heads_locked()
             best, best_load = None, None
             for pos, tenant in enumerate(self._active):  # earliest in the rotation wins a tie
+                if newcomers_only and live.get(tenant, 0):
+                    continue
                 head = self._queues[tenant][0]
                 if not self._fits(head, len(batch), n_gen, n_calls, spent, max_size, budget, max_calls):
                     continue

@@ -250,18 +250,24 @@ def test_a_failing_row_does_not_fail_its_batch_neighbours():
     e.stop()
 
 
-@pytest.mark.parametrize("max_batch", [4, 32])
-def test_b_is_admitted_within_two_steps_while_a_has_200_requests_queued_and_running(max_batch):
+@pytest.mark.parametrize("max_batch,a_tokens", [(4, None), (32, None), (8, 30), (32, 30)])
+def test_b_is_admitted_within_two_steps_while_a_has_200_requests_queued_and_running(max_batch, a_tokens):
+    """A's rows end at staggered steps (1-3 tokens), or all together (a_tokens each): B still joins
+    within 2 steps (the reserved slots), not when A's batch ends."""
     e, base = make_engine(max_batch_size=max_batch, max_queued_requests=1000)
 
     async def main():
-        ha = [e.submit_generation("A", [Req([1], max_tokens=1 + i % 3, tag="A")]) for i in range(200)]
+        ha = [e.submit_generation("A", [Req([1], max_tokens=a_tokens or 1 + i % 3, tag="A")]) for i in range(200)]
         while base.steps < 3:  # A's rows are cycling through a full batch
             await asyncio.sleep(0.005)
         assert len(e.scheduler) > 50 and len(e.running_items()) >= max_batch // 2
+        if a_tokens:  # A's rows run from the same step to the same step
+            assert base.steps < a_tokens and len(base.batches) == 1
         at = base.steps
         hb = e.submit_generation("B", [Req([1], max_tokens=2, tag="B")])
-        await asyncio.gather(*(h.results() for h in ha + [hb]))
+        await hb.results()
+        for h in ha:
+            h.cancel()
         return at
 
     submitted_at = asyncio.run(main())
