@@ -6,7 +6,9 @@
   a prefix is never applied to a base it was not trained on.
 - `train_base(...)` is full-parameter causal-LM training, from scratch (it trains the byte-level BPE
   tokenizer first) or continued from an existing base (its tokenizer is kept). It writes a new
-  `from_pretrained`-loadable directory atomically, with `base_meta.json`.
+  `from_pretrained`-loadable directory atomically, with `base_meta.json`. Given a `checkpoint_dir`,
+  it checkpoints (weights, AdamW state, data order, RNG, its BPE; safetensors + JSON) and resumes
+  from the newest checkpoint there, ending bit-identical to an uninterrupted run.
 - `build_default_base(out_dir)` is the one call the service makes on first start: stdlib corpus ->
   8k BPE -> the `default` preset -> about four minutes of training on 2 CPU cores.
 
@@ -19,14 +21,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
+import re
 import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig
 
 from app.ml.callbacks import Progress, TrainingCallbacks
@@ -35,6 +42,7 @@ from app.ml.kvcache import ModelGeometry
 from app.ml.tokenizer import train_bytelevel_bpe
 
 META_FILE = "base_meta.json"
+log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- loading
@@ -271,6 +279,9 @@ def train_base(
     callbacks: TrainingCallbacks | None = None,
     device: str | torch.device | None = None,
     corpus_name: str = "custom",
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int | None = None,
+    keep_checkpoints: int = 2,
 ) -> BaseTrainResult:
     """Full-parameter causal-LM training; writes a new base directory at `out_dir`.
 
@@ -280,7 +291,13 @@ def train_base(
     only pick default hyperparameters. `steps=0` writes the initial model untouched.
 
     Deterministic for a given seed on a given machine (fixed step count, no dropout, seeded init
-    and data order). Cancelling via `callbacks.should_stop()` writes nothing.
+    and data order). Cancelling via `callbacks.should_stop()` writes no base.
+
+    Checkpoints (`checkpoint_dir/step-00000123/`, see `_save_checkpoint`): every `checkpoint_every`
+    steps (None: about 10 per run, at least one every 200 steps; 0: only when cancelled), the last
+    `keep_checkpoints` kept. If `checkpoint_dir` already holds a complete checkpoint, training
+    resumes from the newest one and ends with the same weights as an uninterrupted run; a
+    checkpoint written for other data or hyperparameters is refused (ValueError).
     """
     callbacks = callbacks or TrainingCallbacks()
     config = config or BaseTrainingConfig()
@@ -294,10 +311,17 @@ def train_base(
     if valid_texts is None:
         train_texts, valid_texts = split_train_valid(list(train_texts), config.valid_fraction)
     t_start = time.time()
+    ckpt_root = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    resume = _load_newest_checkpoint(ckpt_root) if ckpt_root is not None else None
 
     torch.manual_seed(seed)
     if init_from is None:
-        tokenizer = train_bytelevel_bpe(train_texts, vocab_size=preset.vocab_size)
+        if resume is not None and resume["state"].get("tokenizer"):
+            # the BPE of the interrupted run: retraining could give other ids than its weights know
+            tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(
+                str(resume["path"] / _CKPT_TOKENIZER), local_files_only=True))
+        else:
+            tokenizer = train_bytelevel_bpe(train_texts, vocab_size=preset.vocab_size)
         model = AutoModelForCausalLM.from_config(model_config(preset, len(tokenizer), tokenizer.eos_token_id))
         parent_fingerprint = None
     else:
@@ -334,21 +358,60 @@ def train_base(
     generator = torch.Generator().manual_seed(seed)  # data order, independent of the init RNG
     order = torch.randperm(blocks_per_epoch, generator=generator)
     cursor, epoch = 0, 0
+    if checkpoint_every is None:  # ~10 per run, so a lost worker costs at most a tenth of it
+        checkpoint_every = max(1, min(200, math.ceil(total_steps / 10)))
+    # everything that decides the weights: a checkpoint of another run must not be continued
+    run_identity = {
+        "architecture": architecture, "size": size, "seed": seed, "parent_fingerprint": parent_fingerprint,
+        "total_steps": total_steps, "batch_size": batch_size, "lr": lr, "max_seq_len": seq_len,
+        "warmup_steps": warmup, "min_lr_ratio": config.min_lr_ratio, "weight_decay": config.weight_decay,
+        "grad_clip": config.grad_clip, "vocab_size": len(tokenizer),
+        "train_sha256": _tensor_sha256(train_blocks), "valid_sha256": _tensor_sha256(valid_blocks),
+    }
 
-    initial_valid = validation_loss(model, valid_blocks, batch_size, device, autocast)
-    valid_loss = initial_valid
-    callbacks.on_eval(0, {"valid_loss": valid_loss, "valid_perplexity": _ppl(valid_loss)})
-    # time kept for the final evaluation and the save, from how long the first evaluation took
-    reserve_s = 2 * (time.time() - t_start - prep_s) + 5.0
     trained_tokens, step, cancelled, out_of_time = 0, 0, False, False
     train_loss = float("nan")
+    resumed_from = None
+    if resume is None:
+        t_eval = time.time()
+        initial_valid = validation_loss(model, valid_blocks, batch_size, device, autocast)
+        valid_loss = initial_valid
+        callbacks.on_eval(0, {"valid_loss": valid_loss, "valid_perplexity": _ppl(valid_loss)})
+        eval_s = time.time() - t_eval
+    else:
+        st = resume["state"]
+        if st["run"] != run_identity:
+            differ = sorted(k for k in run_identity if st["run"].get(k) != run_identity[k])
+            raise ValueError(f"the checkpoint in {ckpt_root} was written for another run (differs in {differ})")
+        order, generator_state = _restore_checkpoint(resume, model, optimizer, device)
+        generator.set_state(generator_state)
+        step, cursor, epoch = st["step"], st["cursor"], st["epoch"]
+        trained_tokens = st["trained_tokens"]
+        train_loss, valid_loss, initial_valid = (_from_json_float(st[k]) for k in
+                                                 ("train_loss", "valid_loss", "initial_valid_loss"))
+        eval_s, resumed_from = st["eval_s"], step
+        log.info("resuming base training from %s (step %d of %d)", resume["path"], step, total_steps)
+    # time kept for the final evaluation and the save, from how long the first evaluation took
+    reserve_s = 2 * eval_s + 5.0
+    start_step, start_tokens, last_saved = step, trained_tokens, step
+
+    def save_checkpoint() -> None:
+        path = _save_checkpoint(ckpt_root, step, model, optimizer, tokenizer if init_from is None else None, {
+            "run": run_identity, "step": step, "epoch": epoch, "cursor": cursor,
+            "trained_tokens": trained_tokens, "train_loss": _to_json_float(train_loss),
+            "valid_loss": _to_json_float(valid_loss), "initial_valid_loss": _to_json_float(initial_valid),
+            "eval_s": eval_s,
+        }, order, generator, device, keep_checkpoints)
+        callbacks.on_checkpoint(step, {"step": step, "train_loss": train_loss, "valid_loss": valid_loss,
+                                       "trained_tokens": trained_tokens, "checkpoint_path": str(path)})
+
     t_train = time.time()
     while step < total_steps:
         if callbacks.should_stop():
             cancelled = True
             break
-        if config.time_budget_s is not None and step:
-            step_s = (time.time() - t_train) / step
+        if config.time_budget_s is not None and step > start_step:
+            step_s = (time.time() - t_train) / (step - start_step)
             if time.time() - t_start + step_s + reserve_s > config.time_budget_s:
                 out_of_time = True
                 break
@@ -376,17 +439,24 @@ def train_base(
         if config.eval_every and step % config.eval_every == 0 and step < total_steps:
             valid_loss = validation_loss(model, valid_blocks, batch_size, device, autocast)
             callbacks.on_eval(step, {"valid_loss": valid_loss, "valid_perplexity": _ppl(valid_loss)})
+        if ckpt_root is not None and checkpoint_every and step % checkpoint_every == 0 and step < total_steps:
+            save_checkpoint()
+            last_saved = step
         elapsed = time.time() - t_train
-        rate = trained_tokens / max(elapsed, 1e-9)
+        run_steps = step - start_step
+        rate = (trained_tokens - start_tokens) / max(elapsed, 1e-9)  # this run's speed
         callbacks.on_progress(Progress(
             step=step, total_steps=total_steps, epoch=epoch, train_loss=train_loss, valid_loss=valid_loss,
-            tokens_per_s=rate, eta_s=elapsed / step * (total_steps - step), trained_tokens=trained_tokens,
+            tokens_per_s=rate, eta_s=elapsed / run_steps * (total_steps - step), trained_tokens=trained_tokens,
         ))
     train_s = time.time() - t_train
 
     metrics = {"train_loss": train_loss, "initial_valid_loss": initial_valid, "trained_tokens": trained_tokens,
                "stopped_by_time_budget": out_of_time}
     if cancelled:
+        # a cancel may be a lost worker handing the job over: keep the progress since the last save
+        if ckpt_root is not None and step > last_saved:
+            save_checkpoint()
         return BaseTrainResult(None, None, metrics, step, True)
 
     valid_loss = validation_loss(model, valid_blocks, batch_size, device, autocast)
@@ -412,6 +482,7 @@ def train_base(
         },
         "steps": step,
         "planned_steps": total_steps,
+        "resumed_from_step": resumed_from,
         "epochs": round(trained_tokens / max(1, train_blocks.numel()), 3),
         "metrics": metrics,
         "vocab_size": len(tokenizer),
@@ -426,6 +497,132 @@ def train_base(
 
 def _ppl(loss: float) -> float:
     return math.exp(min(loss, 50.0)) if loss == loss else float("nan")
+
+
+# --------------------------------------------------------------------------- checkpoints
+# safetensors + JSON, written atomically, never pickled (a checkpoint may come from blob storage)
+
+CHECKPOINT_FORMAT = "prefixd-base-train-checkpoint"
+CHECKPOINT_VERSION = 1
+_CKPT_TENSORS, _CKPT_STATE, _CKPT_TOKENIZER = "tensors.safetensors", "state.json", "tokenizer"
+_CKPT_RE = re.compile(r"^step-(\d+)$")
+
+
+def _tensor_sha256(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()
+
+
+def _to_json_float(x: float) -> float | None:
+    return None if x != x else float(x)  # NaN is not JSON
+
+
+def _from_json_float(x: float | None) -> float:
+    return float("nan") if x is None else float(x)
+
+
+def _unique_state(model) -> dict[str, torch.Tensor]:
+    """The state dict with tied tensors once (safetensors refuses shared storage); the dropped
+    names are restored through the tie when the kept name is loaded."""
+    out, seen = {}, set()
+    for name, t in model.state_dict().items():
+        key = (t.data_ptr(), t.dtype, tuple(t.shape))
+        if key not in seen:
+            seen.add(key)
+            out[name] = t
+    return out
+
+
+def _save_checkpoint(root: Path, step: int, model, optimizer, tokenizer, state: dict, order: torch.Tensor,
+                     generator: torch.Generator, device, keep: int) -> Path:
+    """`root/step-{step:08d}/`: `tensors.safetensors` (weights, AdamW moments, data order, RNG
+    states), `state.json` (step, cursor, losses, optimizer hyperparameters, run identity) and, for
+    a from-scratch run, `tokenizer/` (its BPE). Written into a temporary sibling and renamed, so a
+    reader sees the whole checkpoint or none; the tokenizer rides in every checkpoint so each one
+    stands alone (a few hundred KB beside the weights and moments)."""
+    root.mkdir(parents=True, exist_ok=True)
+    tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in _unique_state(model).items()}
+    sd = optimizer.state_dict()
+    for pid, pstate in sd["state"].items():
+        for k, v in pstate.items():
+            if not isinstance(v, torch.Tensor):
+                raise TypeError(f"unexpected non-tensor optimizer state {k}")
+            tensors[f"optim.{pid}.{k}"] = v.detach().contiguous().cpu()
+    tensors["data.order"] = order.contiguous()
+    tensors["rng.data"] = generator.get_state()
+    tensors["rng.torch"] = torch.get_rng_state()
+    if device.type == "cuda":
+        tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
+    state = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state,
+             "tokenizer": tokenizer is not None, "optimizer": {"param_groups": sd["param_groups"]}}
+    final = root / f"step-{step:08d}"
+    tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        save_file(tensors, str(tmp / _CKPT_TENSORS))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp / _CKPT_TOKENIZER))
+        with open(tmp / _CKPT_STATE, "w") as f:  # last: a directory without it is incomplete
+            json.dump(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if final.exists():  # the same step written again (a cancel right after a periodic save)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for _, old in _list_checkpoints(root)[:-max(1, keep)]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _list_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    if not root.is_dir():
+        return []
+    return sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _CKPT_RE.match(p.name)) and p.is_dir())
+
+
+def _load_newest_checkpoint(root: Path) -> dict | None:
+    """The newest readable checkpoint; a damaged or half-copied one (e.g. an interrupted blob
+    download) falls back to the one before."""
+    for _, path in reversed(_list_checkpoints(root)):
+        try:
+            with open(path / _CKPT_STATE) as f:
+                state = json.load(f)
+            if state.get("format") != CHECKPOINT_FORMAT or state.get("version") != CHECKPOINT_VERSION:
+                raise ValueError("not a base training checkpoint of this version")
+            if state.get("tokenizer") and not (path / _CKPT_TOKENIZER / "tokenizer.json").is_file():
+                raise ValueError("its tokenizer is missing")
+            return {"state": state, "tensors": load_file(str(path / _CKPT_TENSORS)), "path": path}
+        except (OSError, ValueError, KeyError, SafetensorError) as e:
+            log.warning("skipping unreadable base checkpoint %s: %s", path, e)
+    return None
+
+
+def _restore_checkpoint(resume: dict, model, optimizer, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights, AdamW state and the global RNG from `resume`; returns (data order, data RNG state)."""
+    tensors, state = resume["tensors"], resume["state"]
+    weights = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    tied = set(model.state_dict()) - set(_unique_state(model))
+    if unexpected or set(missing) - tied:
+        raise ValueError(f"checkpoint weights do not fit the model (missing {sorted(set(missing) - tied)[:5]}, "
+                         f"unexpected {sorted(unexpected)[:5]})")
+    opt_state: dict[int, dict] = {}
+    for name, v in tensors.items():
+        if name.startswith("optim."):
+            _, pid, key = name.split(".", 2)
+            opt_state.setdefault(int(pid), {})[key] = v
+    groups = state["optimizer"]["param_groups"]
+    for g in groups:
+        if isinstance(g.get("betas"), list):
+            g["betas"] = tuple(g["betas"])
+    optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
+    torch.set_rng_state(tensors["rng.torch"])
+    if "rng.cuda" in tensors and device.type == "cuda":
+        torch.cuda.set_rng_state(tensors["rng.cuda"], device)
+    return tensors["data.order"], tensors["rng.data"]
 
 
 def _save_atomically(out_dir: str, model, tokenizer, meta: dict) -> None:

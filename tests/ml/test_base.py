@@ -229,3 +229,120 @@ def test_zero_steps_writes_untrained_base(tmp_path, small_texts):
     base = load_base(r.path)
     assert r.steps == 0 and base.model.config.model_type == "gpt2"
     assert len(base.tokenizer) <= PRESETS[("gpt2", "tiny")].vocab_size
+
+
+# --------------------------------------------------------------------------- checkpoints and resume
+
+RESUME_CFG = BaseTrainingConfig(steps=10, max_eval_blocks=2)
+
+
+class _Died(BaseException):
+    """Stands in for the worker process dying mid-run: nothing in train_base catches it."""
+
+
+class _DieAt(TrainingCallbacks):
+    def __init__(self, step):
+        self.step, self.checkpoints = step, []
+
+    def on_checkpoint(self, step, metrics):
+        assert os.path.isfile(os.path.join(metrics["checkpoint_path"], "state.json"))
+        self.checkpoints.append(step)
+
+    def on_progress(self, progress):
+        if progress.step == self.step:
+            raise _Died()
+
+
+@pytest.fixture(scope="module")
+def resume_texts(small_texts):
+    # 33 blocks of 64 tokens: 10 steps of 8 blocks cross two epoch boundaries (a fresh data order)
+    return small_texts[0][:40], small_texts[1]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, resume_texts):
+    out = tmp_path_factory.mktemp("uninterrupted") / "base"
+    return train_base(str(out), *resume_texts, size="tiny", config=RESUME_CFG, seed=3, device="cpu")
+
+
+def _weights(path):
+    return AutoModelForCausalLM.from_pretrained(path, local_files_only=True).state_dict()
+
+
+def _assert_same_weights(path, reference):
+    a, b = _weights(path), _weights(reference.path)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _steps(ckpt):
+    return sorted(p.name for p in ckpt.iterdir())
+
+
+def test_dead_run_resumes_from_last_checkpoint_bit_identical(tmp_path, resume_texts, uninterrupted, monkeypatch):
+    ckpt = tmp_path / "ckpt"
+    cb = _DieAt(7)
+    with pytest.raises(_Died):
+        train_base(str(tmp_path / "dead"), *resume_texts, size="tiny", config=RESUME_CFG, seed=3, device="cpu",
+                   callbacks=cb, checkpoint_dir=ckpt, checkpoint_every=2)
+    assert cb.checkpoints == [2, 4, 6]
+    assert _steps(ckpt) == ["step-00000004", "step-00000006"]  # pruned to the last 2, no temp dirs left
+    assert os.path.isfile(ckpt / "step-00000006" / "tokenizer" / "tokenizer.json")  # the run's BPE
+
+    # the resumed run reuses the saved BPE (retraining it could change the token ids)
+    import app.ml.base
+
+    monkeypatch.setattr(app.ml.base, "train_bytelevel_bpe", lambda *a, **k: pytest.fail("BPE retrained"))
+    progress = _StopAfter(10**6)
+    r = train_base(str(tmp_path / "resumed"), *resume_texts, size="tiny", config=RESUME_CFG, seed=3,
+                   device="cpu", callbacks=progress, checkpoint_dir=ckpt, checkpoint_every=2)
+    assert not r.cancelled and r.steps == 10 and r.meta["resumed_from_step"] == 6
+    assert [p.step for p in progress.progress] == [7, 8, 9, 10]
+    assert r.metrics["trained_tokens"] == uninterrupted.metrics["trained_tokens"] == 10 * 8 * 64
+    _assert_same_weights(r.path, uninterrupted)
+    assert r.fingerprint == uninterrupted.fingerprint
+
+
+def test_cancelled_run_checkpoints_and_resumes_bit_identical(tmp_path, resume_texts, uninterrupted):
+    ckpt = tmp_path / "ckpt"
+    r = train_base(str(tmp_path / "cancelled"), *resume_texts, size="tiny", config=RESUME_CFG, seed=3,
+                   device="cpu", callbacks=_StopAfter(5), checkpoint_dir=ckpt, checkpoint_every=4)
+    assert r.cancelled and r.steps == 5 and r.path is None
+    assert _steps(ckpt) == ["step-00000004", "step-00000005"]  # the periodic one and the one at cancel
+    r = train_base(str(tmp_path / "resumed"), *resume_texts, size="tiny", config=RESUME_CFG, seed=3,
+                   device="cpu", checkpoint_dir=ckpt, checkpoint_every=4)
+    assert r.steps == 10 and r.meta["resumed_from_step"] == 5
+    _assert_same_weights(r.path, uninterrupted)
+
+
+def test_half_written_or_corrupt_checkpoints_are_ignored(tmp_path, resume_texts, uninterrupted):
+    import shutil
+
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(_Died):
+        train_base(str(tmp_path / "dead"), *resume_texts, size="tiny", config=RESUME_CFG, seed=3, device="cpu",
+                   callbacks=_DieAt(7), checkpoint_dir=ckpt, checkpoint_every=3)
+    assert _steps(ckpt) == ["step-00000003", "step-00000006"]
+    # a save that died before its rename: complete files, temporary name
+    shutil.copytree(ckpt / "step-00000006", ckpt / ".tmp-step-00000008-999")
+    # a newer one whose tensors were cut short (e.g. an interrupted copy from blob storage)
+    shutil.copytree(ckpt / "step-00000006", ckpt / "step-00000009")
+    state = json.loads((ckpt / "step-00000009" / "state.json").read_text())
+    (ckpt / "step-00000009" / "state.json").write_text(json.dumps({**state, "step": 9}))
+    data = (ckpt / "step-00000009" / "tensors.safetensors").read_bytes()
+    (ckpt / "step-00000009" / "tensors.safetensors").write_bytes(data[: len(data) // 2])
+    # and one with no state.json at all (its upload never finished)
+    (ckpt / "step-00000008").mkdir()
+    r = train_base(str(tmp_path / "resumed"), *resume_texts, size="tiny", config=RESUME_CFG, seed=3,
+                   device="cpu", checkpoint_dir=ckpt, checkpoint_every=0)
+    assert r.meta["resumed_from_step"] == 6
+    _assert_same_weights(r.path, uninterrupted)
+
+
+def test_checkpoint_of_another_run_is_refused(tmp_path, resume_texts):
+    ckpt = tmp_path / "ckpt"
+    train_base(str(tmp_path / "a"), *resume_texts, size="tiny", config=BaseTrainingConfig(steps=3, max_eval_blocks=2),
+               seed=3, device="cpu", callbacks=_StopAfter(2), checkpoint_dir=ckpt)
+    with pytest.raises(ValueError, match="another run"):
+        train_base(str(tmp_path / "b"), *resume_texts, size="tiny",
+                   config=BaseTrainingConfig(steps=3, max_eval_blocks=2, lr=1e-2), seed=3, device="cpu",
+                   checkpoint_dir=ckpt)
