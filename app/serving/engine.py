@@ -403,6 +403,7 @@ class ServingEngine:
         self._fail_running(None)  # stopping: running rows end as aborted
 
     def _iteration(self) -> None:
+        self._drop_cancelled()  # first, so that their slots are free for this step's admissions
         if not self._running:  # idle: block, and gather a burst so that it is prefilled together
             items = self.scheduler.next_batch(self.max_batch_size - self.reserved, self.window_s, timeout=0.5,
                                               budget=self.max_prefill_tokens)
@@ -415,7 +416,7 @@ class ServingEngine:
         for item in items:
             if item.kind == "call":
                 self._run_call(item)
-        self._drop_cancelled()
+        self._drop_cancelled()  # cancelled while the calls ran
         if self._running:
             self._step()
 
@@ -426,7 +427,8 @@ class ServingEngine:
         for item in items:
             live[item.tenant_id] = live.get(item.tenant_id, 0) + 1
         spent = sum(item.cost for item in items)
-        # then everyone, outside the reserve, in groups
+        # then everyone, outside the reserve, in groups; a newcomer's prefill runs anyway, so
+        # others' rows may share it whatever their number
         slots = free - len(items) - self.reserved
         if slots < max(1, self.max_batch_size // JOIN_GROUP) and not items:
             slots = 0
@@ -502,8 +504,7 @@ class ServingEngine:
             item.handle.emit(("done", item.index, result))
 
     def _drop_cancelled(self) -> None:
-        """Cancelled rows (client gone, key revoked, tenant suspended) leave before the next step,
-        so their slots are free for queued rows at once."""
+        """Cancelled rows (client gone, key revoked, tenant suspended) leave before the next step."""
         gone = [key for key, item in self._running.items() if item.cancelled]
         if gone:
             for key, result in self._batch.drop(gone):

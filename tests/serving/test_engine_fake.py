@@ -293,7 +293,7 @@ def test_cancelling_a_running_row_frees_its_slot_for_a_queued_one():
     at, res = asyncio.run(main())
     e.stop()
     assert res.text == "q0 q1 "
-    assert base.batches[1] == ["q"] and base.admitted_at[1] <= at + 1
+    assert base.batches[1] == ["q"] and base.admitted_at[1] <= at + 1  # at the next step
 
 
 def test_calls_run_between_steps_of_a_full_batch():
