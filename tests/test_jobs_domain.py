@@ -425,16 +425,22 @@ def test_pagination(env):
             service.list_events(s, "tenant-b", ids[0], None, 10)
 
 
-def test_base_job_registers_a_tenant_base(env):
+def _corpus_file(env) -> str:
     text = "\n\n".join(f"The {c} fox number {i} jumps over the lazy dog near the river bank."
                        for i in range(40) for c in ("red", "blue"))
     with env.sf() as s:
         f = File(tenant_id="tenant-a", filename="corpus.txt", purpose="base-train", bytes=len(text),
-                 status="processed", blob_key="files/tenant-a/corpus")
+                 status="processed", blob_key="x")
         s.add(f)
+        s.flush()
+        f.blob_key = f"files/tenant-a/{f.id}"
+        env.blobs.put_bytes(f.blob_key, text.encode())
         s.commit()
-        fid = f.id
-    env.blobs.put_bytes("files/tenant-a/corpus", text.encode())
+        return f.id
+
+
+def test_base_job_registers_a_tenant_base(env):
+    fid = _corpus_file(env)
     job = env.create({"model": "scratch", "training_file": fid, "suffix": "mini", "method": {
         "type": "base", "base": {"architecture": "llama", "size": "tiny", "hyperparameters": {"n_epochs": 1}}}})
     assert runner.run_job(job.id, env.ctx) == "succeeded"
@@ -450,3 +456,50 @@ def test_base_job_registers_a_tenant_base(env):
     with pytest.raises(SpecError) as e:
         env.create({"model": j.fine_tuned_model, "training_file": env.add_file(tenant="tenant-b")}, "tenant-b")
     assert e.value.status_code == 404 and e.value.param == "model"
+
+
+def test_dead_worker_base_job_resumes_from_checkpoint(env, monkeypatch):
+    body = {"model": "scratch", "training_file": _corpus_file(env), "seed": 5, "method": {
+        "type": "base", "base": {"architecture": "llama", "size": "tiny", "hyperparameters": {"n_epochs": 3}}}}
+    reference = env.create(body)  # the same job, never interrupted
+    assert runner.run_job(reference.id, env.ctx) == "succeeded"
+
+    job = env.create(body)
+    original = runner.JobCallbacks.on_checkpoint
+    seen = []
+
+    def dying(self, step, metrics):
+        original(self, step, metrics)
+        seen.append(step)
+        if len(seen) == 2:
+            raise _Killed()
+
+    monkeypatch.setattr(runner.JobCallbacks, "on_checkpoint", dying)
+    with pytest.raises(_Killed):
+        runner.run_job(job.id, env.ctx)
+    monkeypatch.setattr(runner.JobCallbacks, "on_checkpoint", original)
+    prefix = f"checkpoints/tenant-a/{job.id}/"
+    assert _job(env, job.id).status == "running"
+    assert {k[len(prefix):].split("/")[0] for k in env.blobs.list(prefix)} == {f"step-{s:08d}" for s in seen}
+    # another machine: nothing of the dead worker's local files is left
+    import shutil
+
+    shutil.rmtree(env.settings.data_dir / "jobs" / job.id)
+    time.sleep(1.3)  # heartbeat goes stale (job_stale_after_s=1)
+    assert check_once(env.ctx) == [job.id] and _job(env, job.id).status == "queued"
+    assert runner.run_job(job.id, env.ctx) == "succeeded"
+
+    j = _job(env, job.id)
+    assert j.attempts == 2
+    msgs = [e.message for e in _events(env, job.id)]
+    assert f"Resuming from checkpoint step-{seen[-1]:08d}" in msgs
+    metric_steps = [e.data["step"] for e in _events(env, job.id) if e.type == "metrics"]
+    assert metric_steps.count(1) == 1 and seen[-1] + 1 in metric_steps  # continued, not restarted
+    with env.sf() as s:
+        listed = service.list_checkpoints(s, "tenant-a", job.id, None, 100)["data"]
+        assert [c["step_number"] for c in listed][-2:] == seen[::-1]
+        assert listed[0]["fine_tuned_model_checkpoint"].startswith(f"{j.fine_tuned_model}:ckpt-step-")
+        ref = s.get(ModelRecord, _job(env, reference.id).fine_tuned_model)
+        # the resumed job trained exactly the weights of the uninterrupted one (tokenizer included)
+        assert s.get(ModelRecord, j.fine_tuned_model).fingerprint == ref.fingerprint
+    assert env.blobs.list(prefix) == []  # checkpoint blobs go when the job ends

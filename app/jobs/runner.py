@@ -6,7 +6,8 @@ or `run_base_job`. The engine (`app.ml`) reports through `JobCallbacks`: progres
 "metrics" events and the job's `trained_tokens`/`estimated_finish`; each checkpoint directory is
 uploaded to blobs under `checkpoints/{tenant}/{job}/` and recorded as a JobCheckpoint row;
 `should_stop()` re-reads the cancel flag (at most once a second). A job that is picked up again
-after its worker died downloads those files first, and `train_prefix` resumes from the newest.
+after its worker died downloads those files first, and the engine (`train_prefix` or `train_base`)
+resumes from the newest complete one.
 
 Failures never escape as tracebacks: the job ends `failed` with `{code, message}` and the
 exception is logged.
@@ -532,8 +533,9 @@ def run_base_job(run: JobRun) -> str:
     """Train a base from scratch (model 'scratch') or continue training a base; register the
     result as a base owned by the tenant, which prefix jobs may then target.
 
-    Base training keeps no resumable checkpoints (the engine's `train_base` writes nothing until
-    it is done), so a base job whose worker died starts over on the next worker."""
+    Checkpoints go the way of a prefix job's (local dir -> blobs under `checkpoints/{tenant}/{job}/`
+    -> JobCheckpoint rows), so a base job whose worker died resumes on the next worker from its last
+    checkpoint, with the same data order, optimizer state and tokenizer."""
     from app.bases import register_base
     from app.ml.base import DEFAULT_ARCHITECTURE, PRESETS, BaseTrainingConfig, train_base
 
@@ -581,15 +583,20 @@ def run_base_job(run: JobRun) -> str:
         s.commit()
 
     slug = new_base_id(job.suffix, job.id)
+    ckpt_dir = run.download_checkpoints()  # what a dead worker left in blobs, if anything
+    resumed = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir())
+    if resumed:
+        run.event(f"Resuming from checkpoint {resumed[-1]}")
     out_dir = run.local_dir / "base"
     shutil.rmtree(out_dir, ignore_errors=True)
-    run.local_dir.mkdir(parents=True, exist_ok=True)
     run.event(f"Training a base ({'a new ' + arch + '/' + size if init_dir is None else 'continuing ' + job.model})"
               f" on {len(texts)} documents")
     callbacks = JobCallbacks(run, slug)
+    # checkpoint_every=None: the engine spaces ~10 checkpoints over the run once it knows the step
+    # count (it depends on the tokenized corpus), at least one every 200 steps
     result = train_base(str(out_dir), texts, valid_texts, init_from=str(init_dir) if init_dir else None,
                         architecture=arch, size=size, config=cfg, seed=job.seed, callbacks=callbacks,
-                        corpus_name=f.filename)
+                        corpus_name=f.filename, checkpoint_dir=str(ckpt_dir), checkpoint_every=None)
     if run.lost.is_set():
         raise LostJob()
     trained = int(result.metrics.get("trained_tokens") or 0) or None
