@@ -251,6 +251,43 @@ def test_dead_worker_job_resumes_on_next_worker(svc, base_id):
     assert done["fine_tuned_model"]
 
 
+def test_dead_worker_base_job_resumes_on_next_worker(svc, base_id):
+    """A base job (tiny preset from scratch) whose worker is SIGKILLed after its first checkpoint
+    continues from that checkpoint on a fresh worker instead of starting over."""
+    import random
+
+    rng = random.Random(0)
+    words = "the a fox dog river bank red blue green jumps over lazy near quick slow cat tree house".split()
+    corpus = "".join(json.dumps({"text": " ".join(rng.choice(words) for _ in range(12)) + f" number {i}."}) + "\n"
+                     for i in range(600))
+    t = svc.make_tenant()
+    fid = upload(t.client, corpus, purpose="base-train")
+    # ~740 steps of 4 x 64 tokens: a few seconds, with ~10 checkpoints along the way
+    job = t.client.post("/v1/fine_tuning/jobs", json={
+        "model": "scratch", "training_file": fid, "suffix": "resumed", "method": {"type": "base", "base": {
+            "size": "tiny", "hyperparameters": {"n_epochs": 20, "batch_size": 4}}}})
+    assert job.status_code == 200, job.text
+    job = job.json()
+    deadline = time.monotonic() + 120
+    while not (ckpts := t.client.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints").json()["data"]):
+        assert time.monotonic() < deadline, t.client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()
+        time.sleep(0.1)
+    next(w for w in svc.workers if w.alive()).kill()  # SIGKILL mid-training
+    killed_at = max(c["step_number"] for c in ckpts)
+    svc.start_worker()
+    done = wait_status(t.client, job["id"], {"succeeded"}, timeout=180)
+    events = t.client.get(f"/v1/fine_tuning/jobs/{job['id']}/events", params={"limit": 100}).json()["data"]
+    msgs = [e["message"] for e in events]
+    assert any("requeued" in m for m in msgs)
+    resumed = [m for m in msgs if m.startswith("Resuming from checkpoint step-")]
+    assert resumed and int(resumed[0].rsplit("-", 1)[1]) >= killed_at
+    steps = [e["data"]["step"] for e in events if e["type"] == "metrics"]
+    assert steps.count(1) == 1  # the second worker did not start from step 1
+    assert done["fine_tuned_model"].startswith("resumed-")
+    assert done["fine_tuned_model"] in [m["id"] for m in t.client.get("/v1/models").json()["data"]]
+    assert t.client.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints").json()["data"]
+
+
 def test_distributed_prefix_job(start_service):
     """PostgreSQL + Redis broker + S3 (moto): a job runs, checkpoints go through S3, results land."""
     svc = start_service("distributed", env=JOB_ENV, worker=True)
