@@ -12,7 +12,8 @@ the service has a base to serve on first start.
 - `ensure_default_base` is what the API runs at startup (in a background thread):
   `BASE_MODEL=/path` serves that directory, registered under `slugify(dir name)`; without it the
   service serves `DATA_DIR/models/default`, which it materialises from blobs if another replica
-  already built it, and otherwise builds offline with `app.ml.base.build_default_base`.
+  already built it, and otherwise builds offline with `app.ml.base.build_default_base`
+  (`DEFAULT_BASE_BUILD_STEPS` shortens that build, e.g. for tests).
 """
 
 from __future__ import annotations
@@ -155,15 +156,17 @@ def materialize_base(settings, blobs, record: ModelRecord) -> Path:
     return target
 
 
-def _build_default(target: Path) -> None:
-    """Build the engine's default base into `target`, atomically."""
-    from app.ml.base import build_default_base
+def _build_default(target: Path, steps: int | None = None) -> None:
+    """Build the engine's default base into `target`, atomically; `steps` (DEFAULT_BASE_BUILD_STEPS)
+    overrides the preset's step count."""
+    from app.ml.base import BaseTrainingConfig, build_default_base
 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-default-", dir=target.parent))
     try:
-        log.info("no base model: building the default base into %s (first start only)", target)
-        build_default_base(str(tmp))
+        log.info("no base model: building the default base into %s (first start only%s)", target,
+                 "" if steps is None else f", {steps} steps")
+        build_default_base(str(tmp), config=None if steps is None else BaseTrainingConfig(steps=steps))
         try:
             os.rename(tmp, target)
         except OSError:
@@ -194,9 +197,9 @@ def ensure_default_base(settings, session, blobs, *, fingerprint: str | None = N
             try:
                 materialize_base(settings, blobs, record)
             except FileNotFoundError:
-                _build_default(path)
+                _build_default(path, settings.default_base_build_steps)
         else:
-            _build_default(path)
+            _build_default(path, settings.default_base_build_steps)
     if fingerprint is None and (record is None or record.details.get("local_path") != str(path)):
         fingerprint = _fingerprint_of(path)
     if record is not None and record.kind == "base" and (fingerprint is None or record.fingerprint == fingerprint):

@@ -29,6 +29,9 @@ class Settings(BaseSettings):
     aws_secret_access_key: str | None = None
 
     base_model: Path | None = None  # a local HF causal-LM dir; default: data_dir/models/default
+    # optimizer steps of the first-start build of the default base; None: the preset's (400).
+    # Tests and quick trials use a handful, which builds in seconds (corpus + BPE cost the rest).
+    default_base_build_steps: int | None = Field(default=None, ge=0)
     admin_api_key: str | None = None
     host: str = "127.0.0.1"
     port: int = 8000

@@ -87,3 +87,21 @@ def test_base_model_env_is_registered_under_its_slug(store, tiny_base_dirs):
     bad = settings.model_copy(update={"base_model": settings.data_dir / "missing"})
     with factory() as s, pytest.raises(FileNotFoundError):
         bases.ensure_default_base(bad, s, blobs)
+
+
+def test_default_base_build_steps_setting_reaches_the_build(store, tiny_base_dirs, monkeypatch):
+    settings, factory, blobs = store
+    seen = []
+
+    def fake_build(out_dir, seed=0, callbacks=None, config=None):
+        seen.append(config)
+        shutil.copytree(tiny_base_dirs["llama"], out_dir, dirs_exist_ok=True)
+
+    import app.ml.base
+
+    monkeypatch.setattr(app.ml.base, "build_default_base", fake_build)
+    with factory() as s:
+        bases.ensure_default_base(settings.model_copy(update={"default_base_build_steps": 5}), s, blobs)
+    assert seen[0].steps == 5
+    with pytest.raises(ValueError):  # pydantic refuses a negative step count at startup
+        Settings(default_base_build_steps=-1)
