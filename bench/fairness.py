@@ -138,6 +138,7 @@ async def _loaded(url: str, key_a: str, b_client: BClient, model_a: str, in_flig
         while stats["a_done"] < 2 * in_flight and time.perf_counter() - t_warm < warm_max_s:
             await asyncio.sleep(0.25)
         warm_s = time.perf_counter() - t_warm
+        warm_rate = stats["a_done"] / warm_s
         t0 = time.perf_counter()
         done0 = stats["a_done"]
         b, depths = await asyncio.to_thread(b_client.run, n_b, max_tokens)
@@ -149,6 +150,7 @@ async def _loaded(url: str, key_a: str, b_client: BClient, model_a: str, in_flig
         await asyncio.gather(*workers, return_exceptions=True)
     depths = [d for d in depths if d is not None]
     return {"b": b, "warm_s": round(warm_s, 1), "a_requests_per_s": round(a_rate, 2),
+            "a_warm_requests_per_s": round(warm_rate, 2),
             "scheduler_queue_depth_mean": round(statistics.mean(depths), 1) if depths else None, **stats}
 
 
@@ -223,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
         "torch_threads": args.threads,
         "max_tokens": max_tokens,
         "a_in_flight": args.in_flight,
-        "a_requests_per_s": loaded["a_requests_per_s"],
+        "a_requests_per_s": loaded["a_requests_per_s"],  # while B's requests ran
+        "a_warm_requests_per_s": loaded["a_warm_requests_per_s"],  # before, during the warm-up
         "a_done": loaded["a_done"],
         "a_429": loaded["a_429"],
         "a_errors": loaded["a_errors"],
