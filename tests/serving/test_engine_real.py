@@ -115,3 +115,27 @@ def test_a_request_joining_mid_batch_streams_the_same_tokens_as_alone(base):
     assert res1.finish_reason == "length" and len(res1.token_ids) == 40  # still running when it joined
     assert tokens1 == res1.token_ids == generate(base, [first])[0].token_ids
     assert tokens2 == res2.token_ids == generate(base, [joiner])[0].token_ids
+
+
+def test_a_row_that_cannot_run_fails_alone(base):
+    """A row whose prefill fails (here: longer than the context) is admitted in the same gathering
+    window as good rows; it fails, they run and equal their solo runs."""
+    adds = []
+    engine = ServingEngine(Settings(batch_window_ms=200, max_batch_size=8), batch_factory=recording(adds))
+    engine.start(lambda: ("tiny", base))
+    assert engine.wait_ready(10)
+    good = [GenerationRequest([5, 6, 7], max_tokens=4, temperature=0),
+            GenerationRequest([9], max_tokens=3, temperature=0)]
+    bad = GenerationRequest([5] * 300, max_tokens=4, temperature=0)
+
+    async def main():
+        hs = [engine.submit_generation("A", [good[0]]), engine.submit_generation("B", [bad]),
+              engine.submit_generation("C", [good[1]])]
+        return await asyncio.gather(*(h.results() for h in hs), return_exceptions=True)
+
+    r0, rbad, r1 = asyncio.run(main())
+    engine.stop()
+    assert isinstance(rbad, ValueError) and "exceeds the model's context" in str(rbad)
+    assert adds[0] == (0, 3)  # tried together first
+    assert r0[0].token_ids == generate(base, [good[0]])[0].token_ids
+    assert r1[0].token_ids == generate(base, [good[1]])[0].token_ids
