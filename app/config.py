@@ -41,7 +41,7 @@ class Settings(BaseSettings):
     serving_enabled: bool = True  # SERVING_ENABLED=0: an API process that loads no model (tests, admin-only)
     adapter_cache_size: int = 64
     batch_window_ms: int = 10
-    max_batch_size: int = 32  # live rows in the continuous decode batch
+    max_batch_size: int = 16  # live rows in the continuous decode batch (see README: fairness)
     max_prefill_tokens: int = 512  # prompt tokens prefilled between two decode steps (at least one row)
     max_queued_requests: int = 256
 

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import httpx
 
+from app.config import Settings
 from bench.common import REPO, emit, log
 from bench.serving import PROMPTS, Service, _peft_zip, pick_base
 
@@ -231,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         "a_429": loaded["a_429"],
         "a_errors": loaded["a_errors"],
         "a_error_kinds": loaded["a_error_kinds"],
-        "max_batch_size": int(os.environ.get("MAX_BATCH_SIZE", "32")),
+        "max_batch_size": Settings().max_batch_size,  # the service's, from the same environment
         "warm_s": loaded["warm_s"],
         "scheduler_queue_depth_mean": loaded["scheduler_queue_depth_mean"],
         "b_requests": n_b,

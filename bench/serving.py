@@ -85,9 +85,10 @@ class Service:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.admin = "sk-admin-bench"
+        # MAX_BATCH_SIZE and the other serving settings: the service's defaults unless the
+        # environment sets them (it is passed through)
         env = dict(os.environ, DATA_DIR=str(data_dir), BASE_MODEL=str(base_dir), ADMIN_API_KEY=self.admin,
-                   OMP_NUM_THREADS=str(threads), TORCH_THREADS=str(threads), TOKENIZERS_PARALLELISM="false",
-                   MAX_BATCH_SIZE=os.environ.get("MAX_BATCH_SIZE", "32"))
+                   OMP_NUM_THREADS=str(threads), TORCH_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
         self.log = open(data_dir / "api.log", "w")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory", "--host", "127.0.0.1",
