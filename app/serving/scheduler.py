@@ -16,8 +16,9 @@ nothing new came for `window_s`, or the oldest queued item has waited `GATHER_CA
 whichever comes first. A lone request waits one window; a burst of concurrent requests (which
 reach the engine spread out by HTTP parsing and auth) is prefilled together.
 
-The queue is bounded by `max_queued` items: `submit` raises `QueueFullError` (the API answers 429
-with `Retry-After`) rather than letting memory grow without limit. A request's rows are admitted
+The queue is bounded by `max_queued` items, of which one tenant may hold 3/4: `submit` raises
+`QueueFullError` (the API answers 429 with `Retry-After`) rather than letting memory grow without
+limit, and a flooding tenant cannot fill the queue for everyone else. A request's rows are admitted
 all together or not at all.
 """
 
@@ -34,8 +35,9 @@ GATHER_CAP = 4  # the oldest queued item waits at most this many windows for a b
 
 
 class QueueFullError(Exception):
-    def __init__(self, queued: int, limit: int, retry_after_s: int = 1):
-        super().__init__(f"the server is at capacity: {queued} requests queued (limit {limit}); retry later")
+    def __init__(self, queued: int, limit: int, retry_after_s: int = 1, tenant: bool = False):
+        whose = "this tenant's share of the queue is full" if tenant else "the server is at capacity"
+        super().__init__(f"{whose}: {queued} requests queued (limit {limit}); retry later")
         self.queued, self.limit, self.retry_after_s = queued, limit, retry_after_s
 
 
@@ -73,6 +75,8 @@ class FairScheduler:
         """`on_drop(item)` is called (under the lock; keep it quick) for each cancelled item that
         `take` drops, so its waiter can be told."""
         self.max_queued = max_queued
+        # one tenant may fill 3/4 of the queue: however hard it floods, the others can still queue
+        self.tenant_limit = max_queued - max_queued // 4
         self._on_drop = on_drop
         self._queues: dict[str, deque[WorkItem]] = {}
         self._active: deque[str] = deque()  # tenants with queued items, in round-robin order
@@ -89,6 +93,10 @@ class FairScheduler:
                 raise SchedulerClosedError("the serving engine is shutting down")
             if self._size + len(items) > self.max_queued:
                 raise QueueFullError(self._size, self.max_queued)
+            for tenant in {item.tenant_id for item in items}:
+                queued = len(self._queues.get(tenant, ()))
+                if queued + sum(item.tenant_id == tenant for item in items) > self.tenant_limit:
+                    raise QueueFullError(queued, self.tenant_limit, tenant=True)
             for item in items:
                 q = self._queues.get(item.tenant_id)
                 if q is None:

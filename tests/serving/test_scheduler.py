@@ -184,3 +184,14 @@ def test_prefill_budget_and_calls_apart():
     assert [i.kind for i in got] == ["call", "call"]
     got = s.take(1, max_calls=1)
     assert sorted(i.kind for i in got) == ["call", "generate"]
+
+
+def test_one_tenant_cannot_fill_the_whole_queue():
+    s = FairScheduler(max_queued=8)
+    s.submit(items("A", 6))
+    with pytest.raises(QueueFullError, match="this tenant's share") as e:
+        s.submit(items("A", 1))
+    assert e.value.limit == 6
+    s.submit(items("B", 2))  # the others still get in
+    with pytest.raises(QueueFullError, match="at capacity"):
+        s.submit(items("C", 1))
