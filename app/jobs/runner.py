@@ -383,14 +383,16 @@ def resolve_prefix_config(spec: dict, seed: int, n_train: int):
     elif mult not in (None, "auto"):
         cfg.learning_rate = cfg.lr * float(mult)
     # ~10 checkpoints per run (at least every 200 steps), so a lost worker costs little
-    total = cfg.n_epochs * math.ceil(math.ceil(max(1, n_train) / cfg.batch_size) / max(1, cfg.grad_accum_steps))
+    n_epochs = cfg.n_epochs = cfg.epochs_for(n_train)  # pinned: the checkpoints carry the number
+    total = n_epochs * math.ceil(math.ceil(max(1, n_train) / cfg.batch_size) / max(1, cfg.grad_accum_steps))
     cfg.checkpoint_every = max(1, min(200, math.ceil(total / 10)))
     cfg.log_every = 1
-    resolved_hp = {"n_epochs": cfg.n_epochs, "batch_size": cfg.batch_size,
+    resolved_hp = {"n_epochs": n_epochs, "batch_size": cfg.batch_size,
                    "learning_rate_multiplier": cfg.lr / default_lr,
                    "learning_rate": cfg.lr, "max_seq_len": cfg.max_seq_len, "eval_every": cfg.eval_every}
     resolved = {**spec, "num_virtual_tokens": cfg.num_virtual_tokens, "prefix_projection": cfg.prefix_projection,
-                "projection_hidden_size": cfg.projection_hidden_size, "init": cfg.init, "hyperparameters": resolved_hp}
+                "projection_hidden_size": cfg.projection_hidden_size if cfg.prefix_projection else None,
+                "init": cfg.init, "hyperparameters": resolved_hp}
     return cfg, resolved, total
 
 

@@ -99,8 +99,12 @@ def test_presets_cover_both_styles_and_sizes():
     for arch in ("gpt2", "llama"):
         for size in ("tiny", "default", "small", "medium"):
             assert (arch, size) in PRESETS
+    # GPU sizes use grouped-query attention; the CPU default full multi-head attention (prefixes
+    # live in the KV heads: 2 KV heads learned word -> label far worse) and a wider init
+    assert PRESETS[("llama", "small")].num_kv_heads < PRESETS[("llama", "small")].num_heads
     llama = PRESETS[("llama", "default")]
-    assert llama.num_kv_heads < llama.num_heads  # grouped-query attention
+    assert llama.num_kv_heads == llama.num_heads and llama.init_std == 0.1
+    assert model_config(llama, 8192, 0).initializer_range == 0.1
     for arch in ("gpt2", "llama"):
         p = PRESETS[(arch, "default")]
         with torch.device("meta"):  # shapes only, no memory
