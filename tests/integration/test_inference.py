@@ -355,20 +355,21 @@ def test_disconnect_frees_the_slot(small_svc):
                                                          "temperature": 0, "stream": True}) as r:
             for _ in r.iter_lines():
                 break
-    # a non-streaming client that gives up and goes away. On a fast, idle machine the tiny model can
-    # finish 200 tokens before any timeout fires, so finishing is allowed here (no timing race).
+    # a non-streaming client that gives up and goes away. The server notices that when it polls
+    # (DISCONNECT_POLL_S, 0.25 s), and the tiny model can finish 200 tokens before that even after
+    # the client timed out, so finishing is allowed here (no timing race).
     try:
         httpx.post(small_svc.base_url + "/v1/completions", headers={"Authorization": f"Bearer {t.key}"},
                    json={"model": BASE, "prompt": prompt, "max_tokens": 200, "temperature": 0}, timeout=0.05)
-        finished = 200
     except httpx.TimeoutException:
-        finished = 0
+        pass
     time.sleep(1.0)
     # batch size 1: this one runs after the two abandoned ones have left the engine
     assert complete(t.client, BASE, prompt=prompt, max_tokens=2).status_code == 200
     generated = _metric(small_svc, "prefixd_generated_tokens_total") - before
-    # without aborts: 2 x 200 + 2; the streaming client left after one chunk, so its row was cut short
-    assert generated < finished + 200, (generated, finished)
+    # without aborts: 2 x 200 + 2; the streaming client left after one chunk, so its row was cut
+    # short, whatever the non-streaming one did (at most 200)
+    assert generated < 200 + 200, generated
 
 
 def test_switch_served_base_and_adapter_409(small_svc, tiny_base_dirs):
