@@ -65,3 +65,31 @@ def tiny_base_dirs(tmp_path_factory):
 @pytest.fixture(params=["gpt2", "llama", "qwen2"])
 def tiny_base_dir(request, tiny_base_dirs):
     return tiny_base_dirs[request.param]
+
+
+def build_learnable_base(out_dir, seed: int = 0):
+    """A tiny random Llama that a prefix can steer: full multi-head attention (4 KV heads, not 2;
+    the prefix lives in the KV heads) and init std 0.1 instead of 0.02 (at 0.02 the tied output
+    embedding leaves logit gaps of about 1, so no prefix makes one label clearly win). Still random:
+    whatever it answers after prefix tuning, the prefix taught it. Measured with the engine's
+    default prefix settings on the word -> label task of tests/integration/test_learning_flow.py:
+    98-100% exact match on unseen prompts in ~1000 steps (6-9 s on one core), 0% without a prefix;
+    the same defaults reached 25% on the GPT-2 above (one label for all) and 17% on it at std 0.1."""
+    from transformers import AutoModelForCausalLM
+
+    random.seed(seed)
+    torch.manual_seed(seed)
+    tok = _tiny_tokenizer()
+    cfg = _tiny_config("llama", len(tok), tok.eos_token_id)
+    cfg.num_key_value_heads = cfg.num_attention_heads
+    cfg.initializer_range = 0.1
+    model = AutoModelForCausalLM.from_config(cfg)
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def learnable_base_dir(tmp_path_factory):
+    """Path of `build_learnable_base`, built once per session; served as base id `learnable`."""
+    return str(build_learnable_base(tmp_path_factory.mktemp("bases-learnable") / "learnable"))
