@@ -72,3 +72,15 @@ def test_body_limit_413_and_framework_404_405():
     assert r.status_code == 413 and r.json()["error"]["message"] and r.headers["x-request-id"]
     assert c.get("/nope").json()["error"]["type"] == "not_found_error"
     assert c.delete("/conflict").status_code == 405
+
+
+def test_full_queue_429_says_whose_queue_is_full():
+    from app.api.completions import _queue_full
+    from app.serving.scheduler import QueueFullError
+
+    server = _queue_full(QueueFullError(256, 256, retry_after_s=2))
+    tenant = _queue_full(QueueFullError(192, 192, retry_after_s=1, tenant=True))
+    assert server.status_code == tenant.status_code == 429
+    assert server.code == "server_busy" and "at capacity" in server.message
+    assert tenant.code == "tenant_queue_full" and "your share" in tenant.message.lower()
+    assert tenant.headers["Retry-After"] == "1" and server.headers["Retry-After"] == "2"

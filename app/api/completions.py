@@ -61,6 +61,18 @@ from app.serving.scheduler import QueueFullError, SchedulerClosedError
 
 router = APIRouter(tags=["inference"])
 
+
+def _queue_full(e: QueueFullError) -> APIError:
+    """429 for a full queue: the whole server's, or this tenant's share of it (one tenant may not
+    fill the queue for everyone); the message says which."""
+    if e.tenant:
+        msg = (f"Your requests fill your share of the server's queue ({e.queued} queued, limit {e.limit} per "
+               f"tenant); retry after {e.retry_after_s} s")
+    else:
+        msg = f"The server is at capacity ({e.queued} requests queued, limit {e.limit}); retry after {e.retry_after_s} s"
+    return APIError(429, msg, type="rate_limit_error", code="tenant_queue_full" if e.tenant else "server_busy",
+                    headers={"Retry-After": str(e.retry_after_s)})
+
 IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "modalities", "prediction",
            "reasoning_effort", "web_search_options"}
 DEFAULT_ONLY: dict[str, Any] = {
@@ -318,9 +330,7 @@ def _submit(engine, request: Request, tenant_id: str, requests: list, fingerprin
         stop_if_revoked(engine, request, tenant_id)
         return handle
     except QueueFullError as e:
-        raise APIError(429, f"The server is at capacity ({e.queued} requests queued, limit {e.limit}); "
-                            f"retry after {e.retry_after_s} s", type="rate_limit_error", code="server_busy",
-                       headers={"Retry-After": str(e.retry_after_s)}) from None
+        raise _queue_full(e) from None
     except (EngineNotReadyError, SchedulerClosedError) as e:
         raise APIError(503, str(e), code="model_loading", headers={"Retry-After": "5"}) from None
 
@@ -642,9 +652,7 @@ async def classify(body: ClassifyCreate, request: Request, tenant: TenantDep, se
         scored = await engine.run_call(tenant.id, run, fingerprint=resolved.served.fingerprint,
                                        key=credential(request))
     except QueueFullError as e:
-        raise APIError(429, f"The server is at capacity ({e.queued} requests queued); retry after "
-                            f"{e.retry_after_s} s", type="rate_limit_error", code="server_busy",
-                       headers={"Retry-After": str(e.retry_after_s)}) from None
+        raise _queue_full(e) from None
     except APIError:
         raise
     except Exception as exc:  # noqa: BLE001

@@ -38,7 +38,7 @@ class QueueFullError(Exception):
     def __init__(self, queued: int, limit: int, retry_after_s: int = 1, tenant: bool = False):
         whose = "this tenant's share of the queue is full" if tenant else "the server is at capacity"
         super().__init__(f"{whose}: {queued} requests queued (limit {limit}); retry later")
-        self.queued, self.limit, self.retry_after_s = queued, limit, retry_after_s
+        self.queued, self.limit, self.retry_after_s, self.tenant = queued, limit, retry_after_s, tenant
 
 
 class SchedulerClosedError(Exception):
