@@ -230,6 +230,50 @@ def test_gradient_checkpointing_gives_the_same_gradients(arch, request):
     assert not base.model.training and "forward" not in layer.__dict__
 
 
+def test_lean_gelu_same_loss_same_gradients_less_saved(gpt2):
+    """GPT-2's op-by-op gelu_new runs as one function that keeps only its input for backward: the
+    same loss bit for bit, the same gradients up to float rounding, far fewer bytes kept for the
+    backward pass, and the module is put back afterwards (an instance-level forward included)."""
+    from app.ml.data import collate, tokenize_example
+    from app.ml.prefix import PrefixEncoder
+
+    base = gpt2
+    g = base.geometry
+    torch.manual_seed(0)
+    enc = PrefixEncoder(PrefixConfig(g.num_layers, g.num_kv_heads, g.head_dim, 4, prefix_projection=True,
+                                     projection_hidden_size=32, embedding_dim=g.hidden_size))
+    batch = collate([tokenize_example(e, base.tokenizer, 64) for e in SMALL[:3]], base.tokenizer.eos_token_id)
+    act = base.model.transformer.h[0].mlp.act
+    assert type(act).__name__ == "NewGELUActivation"
+
+    def own_forward(x, _forward=act.forward):
+        return _forward(x)
+
+    act.forward = own_forward
+    out = {}
+    try:
+        for lean in (False, True):
+            enc.zero_grad()
+            kept = []
+
+            def pack(t):
+                kept.append(t.untyped_storage().nbytes())
+                return t
+
+            with _frozen_eval_mode(base.model, False, lean_activations=lean):
+                with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                    loss, _ = _batch_loss(base.model, enc, g, batch, torch.float32, nullcontext, True)
+                loss.backward()
+            out[lean] = (loss.detach(), [p.grad.clone() for p in enc.parameters()], sum(kept))
+        assert act.__dict__["forward"] is own_forward
+    finally:
+        del act.forward
+    assert torch.equal(out[True][0], out[False][0])
+    for a, b in zip(out[True][1], out[False][1]):
+        assert a.abs().sum() > 0 and torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+    assert out[True][2] < 0.85 * out[False][2]  # tiny base: 4*hidden is small next to the vocabulary
+
+
 def test_projection_is_folded_into_an_adapter(gpt2):
     r = train_prefix(gpt2, SMALL, None, cfg(n_epochs=1, prefix_projection=True, projection_hidden_size=32))
     assert not r.prefix_config.prefix_projection
