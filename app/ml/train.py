@@ -120,8 +120,10 @@ class PrefixTrainingConfig:
         """`n_epochs`, or for "auto" the passes that give about AUTO_TARGET_STEPS optimizer steps,
         within [AUTO_MIN_EPOCHS, AUTO_MAX_EPOCHS]. A fixed epoch count fails small datasets: a few
         hundred examples make ~25 steps an epoch, and a prefix needs hundreds of steps at any data
-        size (measured: 5 epochs of 180 examples left a word -> label task at chance on the
-        default base; ~900 steps learned it). Large datasets still get a few full passes."""
+        size (measured on the default base, word -> label, 324 pairs: 5 epochs left it at chance;
+        1,000 steps gave 96.7/88.7/82.7% held-out exact match for seeds 0/1/3; 2,000 steps gave
+        84.0/89.3/90.7%, no better on average at twice the time). Large datasets still get a few
+        full passes."""
         if self.n_epochs is not None:
             return int(self.n_epochs)
         per_step = self.batch_size * self.grad_accum_steps
