@@ -5,12 +5,14 @@
 Last line: JSON with `bleu_base`, `bleu_prefix`, `bleu_finetune`, `trained_param_share` (and more).
 
 1. Data: `../shared/data/e2e/devset.csv`, split by MR (a hash of the MR picks its split, so no MR
-   is on two sides; deterministic). Prompt `"{mr}\\n"`, completion `" {ref}"`.
-2. Base: a small GPT-2-style model trained from scratch on the *train-split references as plain
-   text*, never on an MR. Its byte-level BPE is trained on the same references. One document is the
-   references of one MR, one after another (a "page about one venue"), so the base sees names,
-   foods and areas recur within a context window and learns to reuse what its context mentions.
-   The MRs never enter base training, so the base alone cannot do the task (`bleu_base`).
+   is on two sides; deterministic). Prompt `"{mr}\\n"`, completion `"{ref}"`.
+2. Base: a small GPT-2-style model (full multi-head attention; full mode 128 wide, 3 layers, 4
+   heads, 0.9M parameters, init std 0.1, 6 epochs = 308 steps at lr 3e-3) trained from scratch on the
+   *train-split references as plain text*, never on an MR. Its byte-level BPE is trained on the
+   same references. One document is the references of one MR, one after another (a "page about
+   one venue"), so the base sees names, foods and areas recur within a context window and learns to
+   reuse what its context mentions. The MRs never enter base training, so the base alone cannot do
+   the task (`bleu_base`).
 3. Prefix tuning (`app.ml.train.train_prefix`): MR -> text, the base frozen.
 4. Full fine-tuning (this file): every base weight trained on the same examples, the same
    tokenisation (`data.tokenize_example`), the same positions/mask rule, the same epochs and batch
@@ -21,9 +23,25 @@ Last line: JSON with `bleu_base`, `bleu_prefix`, `bleu_finetune`, `trained_param
 
 `trained_param_share` = parameters of the stored prefix table / parameters of the base.
 
+Measured (full mode, 2 CPU cores, 4 minutes with the base reused): `bleu_prefix` 57.2,
+`bleu_finetune` 58.6, `bleu_base` 21.4, ratio 0.975, share 0.86% (7,680 of 890k parameters). What
+closed the gap from 0.69: the base must already copy from its context, because a frozen base can
+only be *steered* to copy slot values, while fine-tuning builds the copying itself. The old base
+(64 wide, 2 layers, 154 steps) continued one reference with a line naming the same venue for 6/55
+test MRs (12/55 from init 0.1); trained 512 steps it did for 46/55 and prefix BLEU went 32.5 ->
+53.9 (fine-tuning 58.3 -> 61.5). Next the epoch budget (2 -> 10 for both): 2 epochs are ~120 prefix
+steps, too few at any lr (20 epochs: prefix 56.6, fine-tuning 60.2 on that base). This file's wider
+base (128 x 3, 47/55 copied) gives the numbers above; fine-tuning's lr is its better of 1e-3 (57.0)
+and 3e-4 (58.6). Init 0.1 vs 0.02 once the base is trained long enough: on 64 x 2 the same prefix
+BLEU (53.9 vs 53.5) but lower fine-tuning BLEU (61.5 vs 65.5); on 128 x 3 prefix 57.2 vs 43.1 (from
+0.02 the prefix copies the name but loops: "... is not family friendly and is not family
+friendly"; fine-tuning on that base not measured). P=20: 52.4 (loss 1.961 vs 1.970: BLEU moves by a
+few points between near-equal prefixes, one seed, 55 test MRs). MR as `name = Alimentum`: +0.3.
+`--quick` (64 x 2 base, 20 test MRs, 1 reference per MR): prefix 41.1, fine-tuning 50.9.
+
 Investigation flags (same last-line keys): `--base-dir DIR` keeps the trained base and reuses it,
 `--prefix KEY=VALUE` sets a `PrefixTrainingConfig` field (`prefix_projection=true`, `init=text`,
-`learning_rate=0.1`, ...), `--set KEY=VALUE` overrides a `MODES` entry (`epochs=5`), and
+`learning_rate=0.1`, ...), `--set KEY=VALUE` overrides a `MODES` entry (`epochs=20`, `init_std=0.02`, `hidden=64`), and
 `--skip-finetune` runs a prefix variant alone (`bleu_finetune` is then null).
 """
 
@@ -48,17 +66,22 @@ from app.ml.kvcache import positions_from_mask
 from bench.common import emit, limit_mrs, load_e2e, log, split_by_mr
 
 MODES = {
-    # CPU budgets: `full` is sized for ~6 CPU-minutes, `quick` for < 3 minutes on 2 cores.
-    # `refs_per_mr` caps the references per MR used for prefix tuning and fine-tuning (all of
-    # them still go into base training and into the test references).
+    # CPU budgets on 2 cores: `full` about 6-8 minutes, `quick` under 3. The base is the engine's
+    # `tiny` GPT-2 preset with the fields below replaced (`bench_preset`): `hidden`/`layers`
+    # (None: the preset's), `init_std`. `refs_per_mr` caps the references per MR used for prefix
+    # tuning and fine-tuning (all of them still go into base training and into the test references).
+    # `epochs` is the budget of both prefix tuning and fine-tuning; each keeps its best epoch by
+    # validation loss and has its own learning rate (`prefix_lr` None: the engine's default, 0.1).
     "full": dict(
-        train_mrs=None, test_mrs=None, preset="tiny", base_epochs=3, base_lr=3e-3, base_batch=16, block=128,
-        refs_per_mr=2, epochs=2, batch_size=16, prefix_tokens=10, prefix_lr=None, ft_lr=1e-3,
+        train_mrs=None, test_mrs=None, preset="tiny", hidden=128, layers=3, init_std=0.1, base_epochs=6,
+        base_lr=3e-3, base_batch=16, block=128,
+        refs_per_mr=2, epochs=10, batch_size=16, prefix_tokens=10, prefix_lr=None, ft_lr=3e-4,
         max_new_tokens=40, mr_style="raw",
     ),
     "quick": dict(
-        train_mrs=80, test_mrs=12, preset="tiny", base_epochs=2, base_lr=3e-3, base_batch=16, block=128,
-        refs_per_mr=2, epochs=2, batch_size=16, prefix_tokens=10, prefix_lr=None, ft_lr=1e-3,
+        train_mrs=None, test_mrs=20, preset="tiny", hidden=None, layers=None, init_std=0.1, base_epochs=6,
+        base_lr=3e-3, base_batch=16, block=128,
+        refs_per_mr=1, epochs=10, batch_size=16, prefix_tokens=10, prefix_lr=None, ft_lr=3e-4,
         max_new_tokens=40, mr_style="raw",
     ),
 }
@@ -98,6 +121,30 @@ def ref_documents(rows) -> list[str]:
     return ["\n".join(refs) for refs in docs.values()]
 
 
+def bench_preset(cfg: dict) -> str:
+    """Registers this bench's base shape as `PRESETS[("gpt2", "e2e-bench")]`: the engine preset
+    `cfg["preset"]` with `init_std` (and `hidden`/`layers`/`heads` when set) replaced. GPT-2 style
+    keeps full multi-head attention (as many KV heads as heads). Returns the size name."""
+    from app.ml.base import PRESETS
+
+    p = PRESETS[("gpt2", cfg["preset"])]
+    d, n, h = cfg.get("hidden") or p.hidden_size, cfg.get("layers") or p.num_layers, cfg.get("heads") or p.num_heads
+    PRESETS[("gpt2", "e2e-bench")] = replace(
+        p, size="e2e-bench", hidden_size=d, num_layers=n, num_heads=h, num_kv_heads=h, intermediate_size=4 * d,
+        init_std=cfg.get("init_std") or p.init_std,
+    )
+    return "e2e-bench"
+
+
+BASE_KEYS = ("train_mrs", "preset", "hidden", "layers", "heads", "init_std", "base_epochs", "base_lr", "base_batch",
+             "block")
+
+
+def base_key(cfg: dict) -> str:
+    """What decides the base, for `--base-dir` reuse: another shape or init never reuses a base."""
+    return "-".join(f"{cfg.get(k)}" for k in BASE_KEYS)
+
+
 def build_base(out_dir: str, train_rows, valid_rows, cfg: dict, seed: int = 0):
     """`app.ml.base.train_base` from scratch (GPT-2 style preset, BPE trained on the same texts) on
     the train references as plain text, validated on the valid references; returns the loaded Base."""
@@ -111,7 +158,7 @@ def build_base(out_dir: str, train_rows, valid_rows, cfg: dict, seed: int = 0):
                 log(f"base step {p.step}/{p.total_steps} loss {p.train_loss:.3f} ({p.tokens_per_s:.0f} tok/s)")
 
     res = train_base(
-        out_dir, ref_documents(train_rows), ref_documents(valid_rows), architecture="gpt2", size=cfg["preset"],
+        out_dir, ref_documents(train_rows), ref_documents(valid_rows), architecture="gpt2", size=bench_preset(cfg),
         config=BaseTrainingConfig(epochs=cfg["base_epochs"], lr=cfg["base_lr"], batch_size=cfg["base_batch"],
                                   max_seq_len=cfg["block"]),
         seed=seed, corpus_name="e2e-train-refs", callbacks=Log(),
@@ -203,7 +250,13 @@ def prefix_tune(base, train_ex, valid_ex, cfg: dict, seed: int = 0, **overrides)
     )
     for k, v in overrides.items():
         setattr(pcfg, k, v)
-    res = train_prefix(base, train_ex, valid_ex, pcfg)
+    from app.ml.callbacks import TrainingCallbacks
+
+    class Log(TrainingCallbacks):
+        def on_eval(self, step, m):
+            log(f"prefix step {step}: train_loss={m['train_loss']:.4g} valid_loss={m['valid_loss']:.4g}")
+
+    res = train_prefix(base, train_ex, valid_ex, pcfg, callbacks=Log())
     return res
 
 
@@ -225,7 +278,7 @@ def run(mode: str, seed: int = 0, base_dir: str | None = None, overrides: dict |
 
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        base_dir = os.path.join(base_dir or tmp, f"base-{mode}-{seed}")
+        base_dir = os.path.join(base_dir or tmp, f"base-{base_key(cfg)}-{seed}")
         if os.path.exists(os.path.join(base_dir, "config.json")):  # --base-dir: reuse a built base
             base, base_metrics = load_base(base_dir), {}
             log(f"base: reusing {base_dir}")
@@ -270,6 +323,7 @@ def run(mode: str, seed: int = 0, base_dir: str | None = None, overrides: dict |
         "chrf_base": r2(m_base["chrf"]), "chrf_prefix": r2(m_prefix["chrf"]), "chrf_finetune": r2(m_ft["chrf"]),
         "loss_base": r2(m_base["loss"]), "loss_prefix": r2(m_prefix["loss"]), "loss_finetune": r2(m_ft["loss"]),
         "prefix_params": n_prefix, "base_params": n_base, "base_valid_ppl": base_metrics.get("valid_perplexity"),
+        "base": {k: cfg.get(k) for k in BASE_KEYS}, "ft_lr": cfg["ft_lr"],
         "num_virtual_tokens": cfg["prefix_tokens"], "epochs": cfg["epochs"], "prefix_steps": res.steps,
         "prefix_options": prefix_options or {}, "overrides": overrides or {},
         "train_mrs": mrs(train_rows), "test_mrs": mrs(test_rows),
