@@ -41,7 +41,9 @@ class Settings(BaseSettings):
     serving_enabled: bool = True  # SERVING_ENABLED=0: an API process that loads no model (tests, admin-only)
     adapter_cache_size: int = 64
     batch_window_ms: int = 10
-    max_batch_size: int = 16  # live rows in the continuous decode batch (see README: fairness)
+    # live rows in the continuous decode batch. 8 on 2 CPU cores: bench.fairness 2.1-2.5 and
+    # bench.serving 3.6-3.9 on a quiet machine, where 16 gave 3.6-4.3 and 7.3 (see README: fairness)
+    max_batch_size: int = 8
     max_prefill_tokens: int = 512  # prompt tokens prefilled between two decode steps (at least one row)
     max_queued_requests: int = 256
 
