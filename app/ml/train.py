@@ -93,7 +93,10 @@ class PrefixTrainingConfig:
     learning_rate: float | None = None
     warmup_ratio: float = 0.06
     lr_schedule: str = "cosine"  # 'cosine' | 'linear' decay after linear warmup
-    weight_decay: float = 0.0  # decay would pull keys and values towards zero for nothing
+    # A little decoupled decay generalises better: on the default base (word -> label, 324 pairs,
+    # 150 unseen prompts, seeds 0-3) held-out exact match was 96.0/88.7/92.7/90.0% with 0.01 against
+    # 94.7/88.7/89.3/82.7% with none and 91.3/91.3/86.7/86.0% with 0.1.
+    weight_decay: float = 0.01
     max_grad_norm: float = 1.0
     grad_accum_steps: int = 1
     max_seq_len: int = 512  # also capped by the base's positions minus the prefix length
