@@ -157,6 +157,24 @@ def check_upload(session, tenant, settings, size: int, *, lock: bool = True) -> 
                             "file; delete files or ask the administrator for a higher quota", 60, rate=False)
 
 
+def insert_with_blob(session, row, check, blobs, blob_key: str) -> None:
+    """Insert `row`, whose blob is already stored at `blob_key`, after `check()` (a stock-quota
+    check with the tenant locked) in the same transaction: of inserts racing for the last slot (on
+    any replica) exactly one gets it. If the check refuses or the insert fails, the blob is deleted
+    and the error raised: no blob without its row."""
+    try:
+        check()
+        session.add(row)
+        session.commit()
+    except Exception:
+        session.rollback()
+        try:
+            blobs.delete(blob_key)
+        except Exception:  # noqa: BLE001 - the caller gets the original error; an orphan blob is harmless
+            log.warning("could not delete blob %s after a refused insert", blob_key, exc_info=True)
+        raise
+
+
 def check_adapter_count(session, tenant, settings, *, lock: bool = True) -> None:
     """Before an adapter is imported, or a prefix job (which makes one) is created: the tenant's
     adapters plus its prefix jobs still to finish must stay within `adapters`. With `lock` (the

@@ -31,7 +31,7 @@ import httpx
 
 from bench.common import emit, log
 from bench.defaults import REPO, make_task
-from bench.serving import _free_port
+from bench.serving import _free_port, wait_ready
 
 
 def _start(base: Path, data_dir: Path, port: int, admin: str) -> subprocess.Popen:
@@ -40,20 +40,6 @@ def _start(base: Path, data_dir: Path, port: int, admin: str) -> subprocess.Pope
     log_file = open(data_dir / "service.log", "w")
     return subprocess.Popen([sys.executable, "-m", "app.run"], cwd=REPO, env=env, stdout=log_file,
                             stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def _wait_ready(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the service exited with {proc.returncode}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError("the service did not become ready")
 
 
 async def _exact_match(url: str, key: str, model: str, examples) -> float:
@@ -83,7 +69,7 @@ def main(argv=None) -> dict:
         url = f"http://127.0.0.1:{port}"
         proc = _start(base, data_dir, port, admin)
         try:
-            _wait_ready(url, proc)
+            wait_ready(url, proc, hint=f"see {data_dir / 'service.log'}")
             t = httpx.post(f"{url}/v1/admin/tenants", json={"name": "defaults"},
                            headers={"Authorization": f"Bearer {admin}"}, timeout=30).json()
             c = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {t['api_key']}"}, timeout=60)

@@ -80,6 +80,21 @@ def _peft_zip(base_dir: Path, P: int, seed: int) -> bytes:
     return export_peft_zip(Adapter.from_table(table, cfg, "unused-import-sets-it"))
 
 
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 300, hint: str = "") -> None:
+    """Until `url`/readyz answers 200; fails at once if `proc` (the service) exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the service exited with {proc.returncode}; {hint}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError("the service did not become ready")
+
+
 class Service:
     def __init__(self, base_dir: Path, data_dir: Path, threads: int):
         self.port = _free_port()
@@ -97,17 +112,7 @@ class Service:
         )
 
     def wait_ready(self, timeout: float = 300) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the API exited with {self.proc.returncode}; see {self.log.name}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise TimeoutError("the API did not become ready")
+        wait_ready(self.url, self.proc, timeout, f"see {self.log.name}")
 
     def stop(self) -> None:
         self.proc.terminate()

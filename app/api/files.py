@@ -159,19 +159,9 @@ def upload_file(
     blobs.put_stream(key, fh)
     row = File(id=file_id, tenant_id=tenant.id, filename=_clean_filename(file.filename), purpose=purpose,
                bytes=size, status="uploaded", blob_key=key)
-    try:
-        # check again with the tenant locked, and insert in the same transaction: of uploads racing
-        # for the last slot (on any replica) exactly one gets it
-        quotas.check_upload(session, tenant, settings, size, lock=True)
-        session.add(row)
-        session.commit()
-    except Exception:
-        session.rollback()
-        try:
-            blobs.delete(key)
-        except Exception:  # noqa: BLE001 - the caller gets the original error; an orphan blob is harmless
-            log.warning("could not delete blob %s after a refused upload", key, exc_info=True)
-        raise
+    # check again with the tenant locked, and insert in the same transaction
+    quotas.insert_with_blob(session, row, lambda: quotas.check_upload(session, tenant, settings, size, lock=True),
+                            blobs, key)
     background.add_task(validate_file, request.app, file_id)
     return file_object(row)
 

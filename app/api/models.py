@@ -32,7 +32,7 @@ from sqlalchemy import or_, select
 
 from app.api.deps import BlobsDep, SessionDep, SettingsDep, TenantDep
 from app.api.errors import APIError
-from app.quotas import check_adapter_count
+from app.quotas import check_adapter_count, insert_with_blob
 from app.store.models import Job, ModelRecord, new_id, now
 
 router = APIRouter(tags=["models"])
@@ -315,21 +315,10 @@ async def import_model(
         details={"source": "peft-import", "filename": (file.filename or "")[:255]}, created_at=now(),
     )
 
-    def insert() -> None:
-        # in a worker thread: waiting for the tenant lock must not block the event loop
-        try:
-            check_adapter_count(session, tenant, request.app.state.settings, lock=True)
-            session.add(record)
-            session.commit()
-        except Exception:
-            session.rollback()
-            try:
-                blobs.delete(key)
-            except Exception:  # noqa: BLE001 - the caller gets the original error
-                pass
-            raise
-
-    await run_in_threadpool(insert)
+    # in a worker thread: waiting for the tenant lock must not block the event loop
+    await run_in_threadpool(
+        insert_with_blob, session, record,
+        lambda: check_adapter_count(session, tenant, request.app.state.settings, lock=True), blobs, key)
     return model_public(record, served)
 
 

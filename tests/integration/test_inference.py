@@ -14,6 +14,8 @@ import httpx
 import pytest
 import torch
 
+from tests.integration.sse import sse_events
+
 pytestmark = pytest.mark.integration
 
 BASE = "gpt2"  # slug of the tiny GPT-2 dir the harness serves
@@ -39,15 +41,6 @@ def geometry_of(path):
 def import_adapter(client, zip_bytes: bytes, suffix: str | None = None):
     data = {"suffix": suffix} if suffix else {}
     return client.post("/v1/models/import", files={"file": ("adapter.zip", zip_bytes, "application/zip")}, data=data)
-
-
-def sse_events(text: str) -> list:
-    out = []
-    for block in text.split("\n\n"):
-        if block.startswith("data: "):
-            payload = block[len("data: "):]
-            out.append(payload if payload == "[DONE]" else json.loads(payload))
-    return out
 
 
 def complete(client, model, prompt="name: Aromi | food:", **kw):

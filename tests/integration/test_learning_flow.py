@@ -27,6 +27,8 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
+from tests.integration.sse import sse_events
+
 pytestmark = pytest.mark.integration
 
 # The label depends on the noun only; the place is a distractor.
@@ -58,15 +60,6 @@ def concurrently(fn, prompts: list[str]) -> list[str]:
     """All prompts at once, so the server batches them."""
     with ThreadPoolExecutor(max_workers=len(prompts)) as pool:
         return list(pool.map(fn, prompts))
-
-
-def sse_events(text: str) -> list:
-    out = []
-    for block in text.split("\n\n"):
-        if block.startswith("data: "):
-            payload = block[len("data: "):]
-            out.append(payload if payload == "[DONE]" else json.loads(payload))
-    return out
 
 
 def served_base(client: httpx.Client) -> str:
