@@ -17,6 +17,8 @@ Variants:
 - `distributed`: a fresh PostgreSQL database `prefixd_test_<hex>` (dropped after), a Redis db index
   claimed for the run (flushed after), an S3 bucket on a moto ThreadedMotoServer. Skipped when
   PostgreSQL or Redis is not reachable.
+- mixed (tests/integration/test_smoke_combinations.py): `embedded` plus
+  `distributed_backends.env(db=..., broker=..., blobs=...)`, the env of the named backends only.
 Every process gets DATA_DIR, ADMIN_API_KEY, BASE_MODEL (the tiny GPT-2 from tests/conftest.py),
 one torch thread, and the variant's env. A worker (`worker=True` or `svc.start_worker()`) is
 `celery -A worker.celery_app worker -Q gpu -c 1 --pool solo` with the same env.
@@ -240,13 +242,22 @@ class DistributedBackends:
         self._pg = None
 
     def check(self) -> None:
-        import psycopg
-        import redis
+        self._check_pg()
+        self._check_redis()
 
+    def _check_pg(self) -> None:
+        import psycopg
+
+        if self._pg is not None:
+            return
         try:
             self._pg = psycopg.connect(PG_ADMIN_DSN, autocommit=True, connect_timeout=3)
         except Exception as e:  # noqa: BLE001
             pytest.skip(f"PostgreSQL not reachable: {e}")
+
+    def _check_redis(self) -> None:
+        import redis
+
         try:
             redis.Redis.from_url(REDIS_BASE + "/0", socket_timeout=3).ping()
         except Exception as e:  # noqa: BLE001
@@ -274,24 +285,32 @@ class DistributedBackends:
             r.close()
         pytest.skip("no free Redis db index (1-15)")
 
-    def env(self) -> dict[str, str]:
-        """Env for one fresh distributed deployment (its own database, Redis db and bucket)."""
-        if self._pg is None:
-            self.check()
-        name = f"prefixd_test_{uuid.uuid4().hex[:10]}"
-        self._pg.execute(f'CREATE DATABASE "{name}"')
-        self._dbs.append(name)
-        dsn = PG_ADMIN_DSN.rsplit("/", 1)[0] + "/" + name
-        idx = self._claim_redis_db()
-        return {
-            "DATABASE_URL": dsn,
-            "REDIS_URL": f"{REDIS_BASE}/{idx}",
-            "S3_BUCKET": f"prefixd-test-{uuid.uuid4().hex[:10]}",
-            "S3_ENDPOINT_URL": self._moto_endpoint(),
-            "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",
-            "S3_REGION": "us-east-1",
-        }
+    def env(self, db: bool = True, broker: bool = True, blobs: bool = True) -> dict[str, str]:
+        """Env for one fresh distributed deployment (its own database, Redis db and bucket), or for
+        the backends named only: db -> DATABASE_URL (a new PostgreSQL database), broker -> REDIS_URL
+        (a claimed Redis db), blobs -> S3_* and AWS_* (a new bucket on moto). A backend left out
+        stays embedded (SQLite, the sqla+sqlite broker, local blobs)."""
+        if db:
+            self._check_pg()
+        if broker:
+            self._check_redis()
+        env: dict[str, str] = {}
+        if db:
+            name = f"prefixd_test_{uuid.uuid4().hex[:10]}"
+            self._pg.execute(f'CREATE DATABASE "{name}"')
+            self._dbs.append(name)
+            env["DATABASE_URL"] = PG_ADMIN_DSN.rsplit("/", 1)[0] + "/" + name
+        if broker:
+            env["REDIS_URL"] = f"{REDIS_BASE}/{self._claim_redis_db()}"
+        if blobs:
+            env.update({
+                "S3_BUCKET": f"prefixd-test-{uuid.uuid4().hex[:10]}",
+                "S3_ENDPOINT_URL": self._moto_endpoint(),
+                "AWS_ACCESS_KEY_ID": "testing",
+                "AWS_SECRET_ACCESS_KEY": "testing",
+                "S3_REGION": "us-east-1",
+            })
+        return env
 
     def close(self) -> None:
         for r in self._redis:
