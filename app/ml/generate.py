@@ -25,10 +25,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 
-from app.ml.kvcache import KV, FrozenPrefixCache, batch_prefixes, positions_from_mask, prefix_generation_cache
+from app.ml.kvcache import KV, FrozenPrefixCache, GenerationCache, GrowingLayer, batch_prefixes, positions_from_mask
 
 # Prompt tokens decoded together with the completion, so that tokenizers whose pieces depend on
 # what precedes them (SentencePiece's leading space) give the same text as a full decode.
@@ -302,7 +300,7 @@ def check_request(base, req: GenerationRequest) -> None:
 
 
 def _plain_layers(cache) -> bool:
-    return all(type(layer) is DynamicLayer for layer in cache.layers)
+    return all(type(layer) is GrowingLayer for layer in cache.layers)
 
 
 def _trim_left(cache, mask: torch.Tensor) -> torch.Tensor:
@@ -335,7 +333,7 @@ def _merge(cache, mask: torch.Tensor, new_cache, new_mask: torch.Tensor) -> torc
     (rotary is already applied to cached keys) and computes what it computed before.
     """
     if not (_plain_layers(cache) and _plain_layers(new_cache)):
-        raise RuntimeError("rows can only join a batch whose cache layers are plain DynamicLayers")
+        raise RuntimeError("rows can only join a batch whose cache layers are GrowingLayers")
     T, T_new = mask.shape[1], new_mask.shape[1]
     T_max = max(T, T_new)
     for layer, new in zip(cache.layers, new_cache.layers):
@@ -399,7 +397,7 @@ class DecodeBatch:
         prefixes = _same_prefixes([r.req.prefix for r in rows], self.dtype, device)
         kv, pmask = batch_prefixes(prefixes, self.base.geometry, self.dtype, device)
         mask = torch.cat([pmask, tmask], 1)
-        cache = prefix_generation_cache(kv) if pmask.shape[1] else DynamicCache()
+        cache = GenerationCache(kv if pmask.shape[1] else None)
         out = model(
             input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask, L),
             cache=cache, use_cache=True, logits_to_keep=1,

@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+from transformers import DynamicCache
 
 from app.ml.base import load_base
 from app.ml.evaluate import (
@@ -15,7 +16,6 @@ from app.ml.evaluate import (
     normalize_text,
 )
 from app.ml.data import encode_prompt
-from app.ml.kvcache import prefix_generation_cache
 from app.ml.prefix import PrefixConfig, PrefixEncoder
 
 PAIRS = [
@@ -44,7 +44,9 @@ def _manual_nll(base, pairs, prefix=None):
         P = 0 if prefix is None else prefix.config.num_virtual_tokens
         cache = None
         if prefix is not None:
-            cache = prefix_generation_cache([(k.unsqueeze(0), v.unsqueeze(0)) for k, v in prefix.key_values()])
+            cache = DynamicCache()
+            for layer, (k, v) in enumerate(prefix.key_values()):
+                cache.update(k.unsqueeze(0), v.unsqueeze(0), layer)
         with torch.no_grad():
             logits = model(
                 input_ids=ids,

@@ -1,0 +1,53 @@
+"""GrowingLayer: appends into spare capacity, and stays equal to a concatenating DynamicLayer
+through every change of rows that DecodeBatch makes (selection, left trim, merge)."""
+
+import torch
+from transformers.cache_utils import DynamicLayer
+
+from app.ml.kvcache import GenerationCache, GrowingLayer
+
+
+def _kv(batch, t, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 2, t, 4, generator=g), torch.randn(batch, 2, t, 4, generator=g)
+
+
+def test_growing_layer_matches_dynamic_layer_through_row_changes():
+    grow, cat = GrowingLayer(), DynamicLayer()
+    seed = 0
+
+    def both_update(batch, t):
+        nonlocal seed
+        seed += 1
+        k, v = _kv(batch, t, seed)
+        gk, gv = grow.update(k, v)
+        ck, cv = cat.update(k, v)
+        assert torch.equal(gk, ck) and torch.equal(gv, cv)
+
+    both_update(3, 5)  # a prefill
+    buffer = grow._key_buffer
+    for _ in range(10):  # decode steps write in place: no new buffer
+        both_update(3, 1)
+    assert grow._key_buffer is buffer and grow.get_seq_length() == 15
+
+    idx = torch.tensor([0, 2])  # rows leave
+    grow.batch_select_indices(idx)
+    cat.batch_select_indices(idx)
+    both_update(2, 1)
+    for layer in (grow, cat):  # left trim, as DecodeBatch does when long rows finished
+        layer.keys, layer.values = layer.keys[:, :, 4:], layer.values[:, :, 4:]
+    both_update(2, 1)
+    capacity = grow._key_buffer.shape[2]
+    for _ in range(200):  # past the spare capacity: the buffer grows
+        both_update(2, 1)
+    assert grow.get_seq_length() == cat.get_seq_length() == 213
+    assert grow._key_buffer.shape[2] > capacity
+
+
+def test_generation_cache_prefills_prefixes():
+    kv = [_kv(2, 3, layer) for layer in range(2)]
+    cache = GenerationCache(kv)
+    assert all(type(layer) is GrowingLayer for layer in cache.layers)
+    assert cache.get_seq_length() == 3
+    k, _ = cache.update(*_kv(2, 1, 9), 0)
+    assert torch.equal(k[:, :, :3], kv[0][0]) and k.shape[2] == 4
