@@ -321,3 +321,31 @@ def test_dropped_rows_leave_and_the_rest_go_on(bases):
         got.update(batch.step())
     for k, req in zip("yuv", reqs[1:]):
         assert got[k].token_ids == generate(base, [req])[0].token_ids
+
+
+def test_prefill_groups_split_only_costly_padding():
+    from app.ml.generate import prefill_groups
+
+    assert prefill_groups([]) == []
+    assert prefill_groups([5, 3, 4]) == [[1, 2, 0]]  # little padding: one forward, shortest first
+    lengths = [10] * 30 + [400]  # one long prompt would pad 30 short ones to 400 tokens
+    assert prefill_groups(lengths) == [list(range(30)), [30]]
+    groups = prefill_groups([3, 300, 5, 310, 4, 290] * 4)
+    assert sorted(i for g in groups for i in g) == list(range(24)) and len(groups) == 2
+
+
+def test_rows_of_very_different_lengths_equal_rows_alone(bases, monkeypatch):
+    """Prefilled in separate length groups and merged: each row still computes what it does alone."""
+    from app.ml import generate as gen
+
+    base = bases["llama"]
+    short = [GenerationRequest([7 + i, 8], prefix=_prefix(base, 2 + i, i), max_tokens=4, temperature=0)
+             for i in range(3)]
+    long = [GenerationRequest(list(range(20, 20 + 90 + i)), prefix=_prefix(base, 3, 9) if i else None,
+                              max_tokens=4, temperature=0) for i in range(3)]
+    reqs = [short[0], long[0], short[1], long[1], short[2], long[2]]
+    monkeypatch.setattr(gen, "PAD_WASTE_MIN_TOKENS", 0)  # so that this small batch splits
+    assert len(gen.prefill_groups([len(r.prompt_ids) for r in reqs])) == 2
+    batch = generate(base, reqs)
+    for req, res in zip(reqs, batch):
+        assert res.token_ids == generate(base, [req])[0].token_ids
