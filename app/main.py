@@ -1,7 +1,9 @@
 """The FastAPI application: `create_app(settings=None)` (uvicorn `--factory`).
 
 Lifespan: settings -> data dir -> db (Alembic upgrade head) -> blobs -> admin key ->
-`app.serving.lifecycle.start(app)` -> serve -> `app.serving.lifecycle.stop(app)`.
+`app.stop_broadcast.start(app)` (distributed mode: the replicas' cancellation channel) ->
+`app.serving.lifecycle.start(app)` -> serve -> `app.serving.lifecycle.stop(app)` ->
+`app.stop_broadcast.shutdown(app)`.
 """
 
 from __future__ import annotations
@@ -45,12 +47,14 @@ def _setup_state(app: FastAPI, settings: Settings) -> None:
 
 @asynccontextmanager
 async def lifespan(app: FastAPI):
+    from app import stop_broadcast
     from app.api.files import revalidate_pending
     from app.serving import lifecycle
 
     settings: Settings = app.state.settings
     await run_in_threadpool(_setup_state, app, settings)
     revalidate_pending(app)
+    await stop_broadcast.start(app)
     await lifecycle.start(app)
     try:
         yield
@@ -58,7 +62,10 @@ async def lifespan(app: FastAPI):
         try:
             await lifecycle.stop(app)
         finally:
-            app.state.engine.dispose()
+            try:
+                await stop_broadcast.shutdown(app)
+            finally:
+                app.state.engine.dispose()
 
 
 def _custom_openapi(app: FastAPI):
@@ -93,6 +100,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.serving = None
+    app.state.stop_broadcast = None
     install_error_handlers(app)
     app.add_middleware(RequestContextMiddleware, body_limit=body_limit_for(settings))
     for router in ROUTERS:

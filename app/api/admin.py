@@ -12,8 +12,8 @@ import logging
 from fastapi import APIRouter, Query, Request
 from sqlalchemy import delete, func, select
 
-from app import quotas
-from app.api.deps import AdminDep, BlobsDep, SessionDep, hash_key, new_api_key, recently_stopped
+from app import quotas, stop_broadcast
+from app.api.deps import AdminDep, BlobsDep, SessionDep, hash_key, new_api_key
 from app.api.errors import ID_PATTERN, bad_request, is_valid_id, not_found
 from app.api.schemas import (
     ApiKeyCreated, ApiKeyDeleted, ApiKeyList, ApiKeyPublic, TenantCreate, TenantCreated, TenantDeleted,
@@ -116,11 +116,10 @@ def update_tenant(tenant_id: str, body: TenantUpdate, request: Request, _: Admin
                 quotas[k] = v
         t.quotas = quotas
     session.commit()
-    if body.suspended:  # requests already queued or running for a batch stop too
-        recently_stopped(request.app).add(f"tenant:{t.id}")
-        _serving_call(request, "cancel_tenant", t.id)
+    if body.suspended:  # requests already queued or running for a batch stop too, on every replica
+        stop_broadcast.tenant_stopped(request.app, t.id)
     elif body.suspended is False:
-        recently_stopped(request.app).discard(f"tenant:{t.id}")
+        stop_broadcast.tenant_resumed(request.app, t.id)
     return _with_usage(request, session, t)
 
 
@@ -160,8 +159,7 @@ def delete_tenant(tenant_id: str, request: Request, _: AdminDep, session: Sessio
                 evict(model_id)
             except Exception:  # noqa: BLE001
                 log.warning("serving engine could not evict %s", model_id, exc_info=True)
-    recently_stopped(request.app).add(f"tenant:{t.id}")
-    _serving_call(request, "cancel_tenant", t.id, "the tenant was deleted")
+    stop_broadcast.tenant_stopped(request.app, t.id, deleted=True)
     log.info("deleted tenant %s", t.id)
     return TenantDeleted(id=t.id)
 
@@ -192,17 +190,8 @@ def revoke_key(tenant_id: str, key_id: str, request: Request, _: AdminDep, sessi
     if row.revoked_at is None:
         row.revoked_at = now()
     session.commit()
-    # requests made with it stop at once: those queued or running now, and (through
-    # recently_stopped) those authenticated before the commit that reach the engine after this call
-    recently_stopped(request.app).add(f"key:{row.key_hash}")
-    _serving_call(request, "cancel_key", row.key_hash)
+    # requests made with it stop at once, on every replica (app/stop_broadcast.py): those queued or
+    # running now, and (through recently_stopped) those authenticated before the commit that reach
+    # the engine after this call
+    stop_broadcast.key_revoked(request.app, row.key_hash)
     return ApiKeyDeleted(id=row.id)
-
-
-def _serving_call(request: Request, method: str, *args) -> None:
-    fn = getattr(getattr(request.app.state, "serving", None), method, None)
-    if callable(fn):
-        try:
-            fn(*args)
-        except Exception:  # noqa: BLE001 - the database change stands; serving is best effort
-            log.warning("serving engine %s failed", method, exc_info=True)

@@ -1,0 +1,237 @@
+"""app/stop_broadcast.py: the stop messages (encode, decode, apply) and their pub/sub over a real
+Redis (127.0.0.1:6379; skipped when it is not reachable). Each test listens on a channel of its
+own, so parallel runs never see each other's messages. The two-replica HTTP test is
+tests/integration/test_revoke_replicas.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+import uuid
+from types import SimpleNamespace
+
+import pytest
+from starlette.datastructures import State
+
+from app import stop_broadcast as sb
+from app.api.deps import hash_key, recently_stopped
+from app.config import Settings
+
+REDIS_URL = os.environ.get("PREFIXD_TEST_REDIS", "redis://127.0.0.1:6379") + "/0"
+KEY_HASH = hash_key("sk-test-not-a-real-key")
+
+
+class FakeEngine:
+    def __init__(self):
+        self.cancelled: list[tuple] = []
+
+    def cancel_key(self, key, reason="the API key was revoked"):
+        self.cancelled.append(("key", key, reason))
+        return 1
+
+    def cancel_tenant(self, tenant_id, reason="the tenant was suspended"):
+        self.cancelled.append(("tenant", tenant_id, reason))
+        return 2
+
+
+def _app(engine=None):
+    state = State()
+    state.serving = engine
+    state.stop_broadcast = None
+    return SimpleNamespace(state=state)
+
+
+@pytest.fixture(scope="module")
+def redis_url():
+    import redis
+
+    try:
+        redis.Redis.from_url(REDIS_URL, socket_timeout=2, socket_connect_timeout=2).ping()
+    except Exception as e:  # noqa: BLE001
+        pytest.skip(f"Redis not reachable: {e}")
+    return REDIS_URL
+
+
+def _channel() -> str:
+    return f"prefixd:test-stops:{uuid.uuid4().hex}"
+
+
+def _wait(cond, timeout: float = 20.0) -> bool:
+    """Poll `cond` (the listener is a thread); the deadline only bounds a failure."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.02)
+    return cond()
+
+
+# ----------------------------------------------------------------------------- messages
+
+
+def test_messages_round_trip_and_carry_no_key():
+    for msg in ({"kind": "key", "key_hash": KEY_HASH},
+                {"kind": "tenant", "tenant_id": "tenant-abc", "deleted": False},
+                {"kind": "tenant", "tenant_id": "tenant-abc", "deleted": True},
+                {"kind": "tenant_resumed", "tenant_id": "tenant-abc"}):
+        data = sb.encode(msg)
+        assert sb.decode(data) == msg and sb.decode(data.decode()) == msg
+        assert b"sk-" not in data
+    # a missing `deleted` means a suspension
+    assert sb.decode(b'{"kind":"tenant","tenant_id":"t1"}') == {"kind": "tenant", "tenant_id": "t1", "deleted": False}
+
+
+@pytest.mark.parametrize("data", [
+    b"", b"not json", b"[]", b"null", b"\xff\xfe", b'{"kind":"nope","tenant_id":"t1"}',
+    b'{"kind":"key","key_hash":"sk-a-raw-key"}',  # only a sha256 hex names a key
+    json.dumps({"kind": "key", "key_hash": KEY_HASH.upper()}).encode(),
+    b'{"kind":"key"}', b'{"kind":"tenant","tenant_id":"a/b"}', b'{"kind":"tenant","tenant_id":7}',
+    b'{"kind":"tenant_resumed","tenant_id":""}',
+    json.dumps({"kind": "tenant", "tenant_id": "t1", "pad": "x" * 2000}).encode(),  # too long
+    12,
+])
+def test_malformed_messages_are_ignored(data):
+    assert sb.decode(data) is None
+
+
+def test_encode_refuses_what_decode_would_ignore():
+    with pytest.raises(ValueError):
+        sb.encode({"kind": "key", "key_hash": "sk-raw"})
+
+
+def test_apply_cancels_in_the_engine_and_remembers_for_the_route():
+    engine = FakeEngine()
+    app = _app(engine)
+    stopped = recently_stopped(app)
+    assert sb.apply(app, {"kind": "key", "key_hash": KEY_HASH}) == 1
+    assert sb.apply(app, {"kind": "tenant", "tenant_id": "t1", "deleted": False}) == 2
+    assert sb.apply(app, {"kind": "tenant", "tenant_id": "t2", "deleted": True}) == 2
+    assert engine.cancelled == [("key", KEY_HASH, "the API key was revoked"),
+                                ("tenant", "t1", "the tenant was suspended"),
+                                ("tenant", "t2", "the tenant was deleted")]
+    assert f"key:{KEY_HASH}" in stopped and "tenant:t1" in stopped and "tenant:t2" in stopped
+    assert sb.apply(app, {"kind": "tenant_resumed", "tenant_id": "t1"}) == 0
+    assert "tenant:t1" not in stopped and len(engine.cancelled) == 3
+    # no engine in this process (SERVING_ENABLED=0), or a failing one: remembered, nothing raised
+    app2 = _app(None)
+    assert sb.apply(app2, {"kind": "key", "key_hash": KEY_HASH}) == 0
+    assert f"key:{KEY_HASH}" in recently_stopped(app2)
+    broken = SimpleNamespace(cancel_key=lambda *a: 1 / 0)
+    assert sb.apply(_app(broken), {"kind": "key", "key_hash": KEY_HASH}) == 0
+
+
+def test_embedded_mode_stops_locally_and_publishes_nothing():
+    import asyncio
+
+    app = _app(FakeEngine())
+    app.state.settings = Settings(redis_url=None)
+    asyncio.run(sb.start(app))
+    assert app.state.stop_broadcast is None
+    sb.key_revoked(app, KEY_HASH)
+    assert app.state.serving.cancelled == [("key", KEY_HASH, "the API key was revoked")]
+    asyncio.run(sb.shutdown(app))
+
+
+def test_channel_is_per_redis_db():
+    assert sb.channel_for("redis://127.0.0.1:6379/3") == "prefixd:stops:3"
+    assert sb.channel_for("redis://127.0.0.1:6379") == "prefixd:stops:0"
+    assert sb.channel_for("unix:///tmp/redis.sock?db=5") == "prefixd:stops:5"
+
+
+# ----------------------------------------------------------------------------- over Redis
+
+
+def test_every_listener_applies_what_any_replica_publishes(redis_url):
+    """Two "replicas" on one channel: a stop published by one is applied by both (its own copy
+    too: applying twice does nothing more), and a malformed message does not end the listener."""
+    import redis
+
+    channel = _channel()
+    apps = [_app(FakeEngine()), _app(FakeEngine())]
+    buses = [sb.StopBroadcast(redis_url, (lambda a: lambda msg: sb.apply(a, msg))(a), channel=channel).start()
+             for a in apps]
+    try:
+        for a, bus in zip(apps, buses):
+            a.state.stop_broadcast = bus
+        assert all(bus.subscribed.wait(20) for bus in buses)
+        sb.key_revoked(apps[0], KEY_HASH)  # applied on app 0 at once, then published
+        assert apps[0].state.serving.cancelled[0] == ("key", KEY_HASH, "the API key was revoked")
+        raw = redis.Redis.from_url(redis_url)
+        raw.publish(channel, b"garbage that is not a stop message")
+        raw.close()
+        sb.tenant_stopped(apps[1], "tenant-x", deleted=True)
+        sb.tenant_stopped(apps[0], "tenant-y")
+        sb.tenant_resumed(apps[1], "tenant-y")
+        assert _wait(lambda: all(bus.received == 4 for bus in buses)), [bus.received for bus in buses]
+        for a in apps:
+            got = set(a.state.serving.cancelled)
+            assert got == {("key", KEY_HASH, "the API key was revoked"),
+                           ("tenant", "tenant-x", "the tenant was deleted"),
+                           ("tenant", "tenant-y", "the tenant was suspended")}, got
+            stopped = recently_stopped(a)
+            assert f"key:{KEY_HASH}" in stopped and "tenant:tenant-x" in stopped
+            assert "tenant:tenant-y" not in stopped  # the last word was the unsuspension
+    finally:
+        for bus in buses:
+            bus.stop()
+    assert not any(bus._thread.is_alive() for bus in buses)
+
+
+def test_the_listener_reconnects_when_its_connection_drops(redis_url):
+    import redis
+
+    channel = _channel()
+    got: list[dict] = []
+    bus = sb.StopBroadcast(redis_url, got.append, channel=channel).start()
+    admin = redis.Redis.from_url(redis_url)
+    try:
+        assert bus.subscribed.wait(20)
+        ids = [c["id"] for c in admin.client_list() if c.get("name") == bus.name]
+        assert len(ids) == 1
+        admin.client_kill_filter(_id=ids[0])
+        # resubscribed on a new connection: a later message arrives (published until one does,
+        # since the first may be sent before the new subscription)
+        msg = {"kind": "tenant", "tenant_id": "after-drop", "deleted": False}
+        deadline = time.monotonic() + 30
+        while not got and time.monotonic() < deadline:
+            bus.publish(msg)
+            time.sleep(0.1)
+        assert got and got[0] == msg
+        assert [c["id"] for c in admin.client_list() if c.get("name") == bus.name] != ids
+    finally:
+        bus.stop()
+        admin.close()
+    assert not bus._thread.is_alive()
+
+
+def test_the_listener_pings_its_connection(redis_url, monkeypatch):
+    """The listener's watchdog: it PINGs every PING_INTERVAL_S and counts the answers (a silent
+    connection, no answer in 3 intervals, is dropped and reopened)."""
+    monkeypatch.setattr(sb, "PING_INTERVAL_S", 0.05)
+    bus = sb.StopBroadcast(redis_url, lambda msg: None, channel=_channel(), poll_s=0.05).start()
+    try:
+        assert bus.subscribed.wait(20)
+        assert _wait(lambda: bus.pongs >= 3), bus.pongs
+    finally:
+        bus.stop()
+
+
+def test_unreachable_redis_neither_raises_nor_blocks_shutdown():
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    got: list = []
+    bus = sb.StopBroadcast(f"redis://127.0.0.1:{port}/0", got.append, channel=_channel()).start()
+    try:
+        app = _app(FakeEngine())
+        app.state.stop_broadcast = bus
+        sb.key_revoked(app, KEY_HASH)  # the local part is done; the publish failure is only logged
+        assert app.state.serving.cancelled and f"key:{KEY_HASH}" in recently_stopped(app)
+        assert bus.publish({"kind": "key", "key_hash": KEY_HASH}) is False
+        time.sleep(0.5)  # let the listener fail to connect and back off at least once
+        assert bus._thread.is_alive() and not bus.subscribed.is_set()
+    finally:
+        bus.stop()
+    assert not bus._thread.is_alive() and got == []
