@@ -40,6 +40,7 @@ never held while bytes move.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import threading
@@ -319,7 +320,8 @@ class RedisSlidingWindow:
     for tests; by default the Redis server's clock is used, the one clock all replicas share.
     Any Redis error raises `RateLimiterUnavailable` (503); after one, this process answers 503
     for `UNAVAILABLE_RETRY_S` without asking again, so an unreachable Redis costs one connect
-    timeout per interval, not one per request (the check runs on the event loop)."""
+    timeout per interval, not one per request. The async routes call it in a worker thread
+    (`check_request_rate_async`, `charge_tokens_async`), never on the event loop."""
 
     def __init__(self, client, key_prefix: str, window_s: int = WINDOW_S, clock=None):
         self.client = client
@@ -419,7 +421,7 @@ def make_rate_limiter(settings) -> RateLimiter:
         return RateLimiter()
     import redis
 
-    # short timeouts: the check runs on the event loop, and a local Redis answers in well under 1 ms
+    # short timeouts: the check holds up its request, and a local Redis answers in well under 1 ms
     client = redis.Redis.from_url(settings.redis_url, socket_timeout=0.5, socket_connect_timeout=0.5,
                                   health_check_interval=30)
     return RateLimiter.redis(client)
@@ -447,3 +449,24 @@ def check_request_rate(request, tenant) -> None:
 def charge_tokens(request, tenant, tokens: int) -> None:
     """Once the prompt is tokenized: prompt + max_tokens x choices against `tokens_per_minute`."""
     limiter(request.app).charge_tokens(tenant, request.app.state.settings, tokens)
+
+
+async def check_request_rate_async(request, tenant) -> None:
+    """`check_request_rate` for async routes. With the windows in Redis the check is a network round
+    trip (up to the socket timeout when Redis is down), so it runs in a worker thread: the event
+    loop keeps streaming other requests' tokens meanwhile. The in-process window is a few
+    microseconds under a lock and stays on the loop."""
+    lim = limiter(request.app)
+    if lim.shared:
+        await asyncio.to_thread(lim.check_request, tenant, request.app.state.settings)
+    else:
+        lim.check_request(tenant, request.app.state.settings)
+
+
+async def charge_tokens_async(request, tenant, tokens: int) -> None:
+    """`charge_tokens` for async routes (see `check_request_rate_async`)."""
+    lim = limiter(request.app)
+    if lim.shared:
+        await asyncio.to_thread(lim.charge_tokens, tenant, request.app.state.settings, tokens)
+    else:
+        lim.charge_tokens(tenant, request.app.state.settings, tokens)

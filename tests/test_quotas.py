@@ -256,6 +256,47 @@ def test_unreachable_redis_is_a_503_envelope_with_retry_after():
     assert limiter(app).shared
 
 
+def test_shared_rate_checks_run_off_the_event_loop():
+    """With the windows in Redis (a network round trip) the async routes' checks run in a worker
+    thread; the in-process window stays on the loop."""
+    import asyncio
+
+    from starlette.datastructures import State
+
+    from app.quotas import charge_tokens_async, check_request_rate_async
+
+    class Probe(RateLimiter):
+        def __init__(self, shared: bool):
+            super().__init__()
+            self._shared, self.threads = shared, []
+
+        @property
+        def shared(self) -> bool:
+            return self._shared
+
+        def check_request(self, tenant, settings):
+            self.threads.append(threading.current_thread())
+            super().check_request(tenant, settings)
+
+        def charge_tokens(self, tenant, settings, tokens):
+            self.threads.append(threading.current_thread())
+            super().charge_tokens(tenant, settings, tokens)
+
+    for shared in (True, False):
+        lim = Probe(shared)
+        request = SimpleNamespace(app=SimpleNamespace(state=State({"settings": Settings(), "rate_limiter": lim})))
+
+        async def route():
+            await check_request_rate_async(request, _tenant())
+            await charge_tokens_async(request, _tenant(), 10)
+            return threading.current_thread()
+
+        loop_thread = asyncio.run(route())
+        assert len(lim.threads) == 2
+        assert all((t is not loop_thread) == shared for t in lim.threads), (shared, lim.threads)
+        assert lim.usage("t1") == {"requests_per_minute": 1, "tokens_per_minute": 10}
+
+
 def test_embedded_settings_keep_the_in_process_limiter():
     from app.quotas import make_rate_limiter
 

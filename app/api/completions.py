@@ -55,7 +55,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from app.api.deps import SessionDep, SettingsDep, TenantDep, bearer_token, hash_key, recently_stopped
 from app.api.errors import APIError, envelope
 from app.api.models import Resolved, get_engine, resolve_model
-from app.quotas import charge_tokens, check_request_rate
+from app.quotas import charge_tokens_async, check_request_rate_async
 from app.serving.engine import BaseChangedError, EngineNotReadyError, RequestCancelledError
 from app.serving.scheduler import QueueFullError, SchedulerClosedError
 
@@ -476,7 +476,7 @@ def _new_id(prefix: str) -> str:
 @router.post("/v1/completions", response_model=Completion, responses=SSE_DOC)
 async def create_completion(body: CompletionCreate, request: Request, tenant: TenantDep, session: SessionDep,
                             settings: SettingsDep):
-    check_request_rate(request, tenant)  # 429 over requests_per_minute (app/quotas.py)
+    await check_request_rate_async(request, tenant)  # 429 over requests_per_minute (app/quotas.py)
     check_params(body, settings, chat=False)
     max_tokens = 16 if body.max_tokens is None else body.max_tokens
     check_max_tokens(max_tokens, settings)
@@ -496,7 +496,7 @@ async def create_completion(body: CompletionCreate, request: Request, tenant: Te
 
     resolved, prompts = await run_in_threadpool(_then_close, session, prepare)
     n = body.n or 1
-    charge_tokens(request, tenant, sum(len(p) for p in prompts) + max_tokens * n * len(prompts))
+    await charge_tokens_async(request, tenant, sum(len(p) for p in prompts) + max_tokens * n * len(prompts))
     requests = _gen_requests(prompts, resolved, body, max_tokens, body.logprobs)
     handle = _submit(engine, request, tenant.id, requests, resolved.served.fingerprint, bool(body.stream))
     cid, created, model = _new_id("cmpl"), int(time.time()), body.model
@@ -533,7 +533,7 @@ async def create_completion(body: CompletionCreate, request: Request, tenant: Te
 @router.post("/v1/chat/completions", response_model=ChatCompletion, responses=SSE_DOC)
 async def create_chat_completion(body: ChatCompletionCreate, request: Request, tenant: TenantDep,
                                  session: SessionDep, settings: SettingsDep):
-    check_request_rate(request, tenant)
+    await check_request_rate_async(request, tenant)
     check_params(body, settings, chat=True)
     if body.max_tokens is not None and body.max_completion_tokens is not None \
             and body.max_tokens != body.max_completion_tokens:
@@ -569,7 +569,7 @@ async def create_chat_completion(body: ChatCompletionCreate, request: Request, t
 
     resolved, ids, max_tokens = await run_in_threadpool(_then_close, session, prepare)
     n = body.n or 1
-    charge_tokens(request, tenant, len(ids) + max_tokens * n)
+    await charge_tokens_async(request, tenant, len(ids) + max_tokens * n)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     requests = _gen_requests([ids], resolved, body, max_tokens, logprobs)
     handle = _submit(engine, request, tenant.id, requests, resolved.served.fingerprint, bool(body.stream))
@@ -617,7 +617,7 @@ async def classify(body: ClassifyCreate, request: Request, tenant: TenantDep, se
     Each label is scored as the exact text appended to `input` (include a leading space if your
     prompts expect one); probabilities are normalised over the given labels. `data` keeps the
     order of `labels`."""
-    check_request_rate(request, tenant)
+    await check_request_rate_async(request, tenant)
     labels = body.labels
     if len(labels) > settings.max_classify_labels:
         raise APIError(400, f"At most {settings.max_classify_labels} labels (MAX_CLASSIFY_LABELS), got {len(labels)}",
@@ -640,7 +640,7 @@ async def classify(body: ClassifyCreate, request: Request, tenant: TenantDep, se
         return resolved, ids, label_ids
 
     resolved, ids, label_ids = await run_in_threadpool(_then_close, session, prepare)
-    charge_tokens(request, tenant, len(ids) * len(labels) + sum(len(x) for x in label_ids))
+    await charge_tokens_async(request, tenant, len(ids) * len(labels) + sum(len(x) for x in label_ids))
     prefix = resolved.prefix
 
     def run(base):
