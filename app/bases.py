@@ -13,21 +13,25 @@ the service has a base to serve on first start.
   `BASE_MODEL=/path` serves that directory, registered under `slugify(dir name)`; without it the
   service serves `DATA_DIR/models/default`, which it materialises from blobs if another replica
   already built it, and otherwise builds offline with `app.ml.base.build_default_base`
-  (`DEFAULT_BASE_BUILD_STEPS` shortens that build, e.g. for tests).
+  (`DEFAULT_BASE_BUILD_STEPS` shortens that build, e.g. for tests), checkpointing under
+  `DATA_DIR/models/.default-build/` so that a build killed midway resumes on the next start.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import re
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from sqlalchemy.exc import IntegrityError
 
+from app.ml.callbacks import TrainingCallbacks
 from app.store.models import ModelRecord
 
 log = logging.getLogger("prefixd.bases")
@@ -156,24 +160,65 @@ def materialize_base(settings, blobs, record: ModelRecord) -> Path:
     return target
 
 
+# Next to the built base (DATA_DIR/models/default): the first-start build's checkpoints, and the
+# lock that keeps two processes sharing a DATA_DIR from building (and checkpointing) at once.
+BUILD_CHECKPOINT_DIR = ".default-build"
+BUILD_LOCK_FILE = ".default-build.lock"
+
+
+class _BuildLog(TrainingCallbacks):
+    """Logs the first-start build's progress at each checkpoint (about every tenth of the build)."""
+
+    def __init__(self):
+        self.checkpointed = None
+
+    def on_checkpoint(self, step, metrics):
+        self.checkpointed = step  # the step's progress report follows
+
+    def on_progress(self, progress):
+        if progress.step == self.checkpointed:
+            log.info("default base build: step %d of %d checkpointed (train loss %.3f, about %.0f s left)",
+                     progress.step, progress.total_steps, progress.train_loss, progress.eta_s)
+
+
+@contextmanager
+def _exclusive(lock_path: Path):
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # released by the kernel if the process dies
+        yield
+    finally:
+        os.close(fd)
+
+
 def _build_default(target: Path, steps: int | None = None) -> None:
     """Build the engine's default base into `target`, atomically; `steps` (DEFAULT_BASE_BUILD_STEPS)
-    overrides the preset's step count."""
+    overrides the preset's step count.
+
+    The build checkpoints into `target.parent/.default-build/`; a build killed midway (Ctrl-C, OOM,
+    a deploy) resumes from there on the next start with the same final weights, and the checkpoints
+    are deleted once the base is in place."""
     from app.ml.base import BaseTrainingConfig, build_default_base
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-default-", dir=target.parent))
-    try:
-        log.info("no base model: building the default base into %s (first start only%s)", target,
-                 "" if steps is None else f", {steps} steps")
-        build_default_base(str(tmp), config=None if steps is None else BaseTrainingConfig(steps=steps))
+    ckpt = target.parent / BUILD_CHECKPOINT_DIR
+    with _exclusive(target.parent / BUILD_LOCK_FILE):
+        if _complete_local(target):  # another process sharing this DATA_DIR built it meanwhile
+            return
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-default-", dir=target.parent))
         try:
-            os.rename(tmp, target)
-        except OSError:
-            if not _complete_local(target):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            log.info("no base model: building the default base into %s (first start only%s; checkpoints in %s)",
+                     target, "" if steps is None else f", {steps} steps", ckpt)
+            build_default_base(str(tmp), config=None if steps is None else BaseTrainingConfig(steps=steps),
+                               callbacks=_BuildLog(), checkpoint_dir=ckpt)
+            try:
+                os.rename(tmp, target)
+            except OSError:
+                if not _complete_local(target):
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(ckpt, ignore_errors=True)
 
 
 def served_base_dir(settings) -> tuple[str, Path]:

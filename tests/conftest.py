@@ -93,3 +93,21 @@ def build_learnable_base(out_dir, seed: int = 0):
 def learnable_base_dir(tmp_path_factory):
     """Path of `build_learnable_base`, built once per session; served as base id `learnable`."""
     return str(build_learnable_base(tmp_path_factory.mktemp("bases-learnable") / "learnable"))
+
+
+def small_default_corpus_texts(n: int = 400) -> list[str]:
+    """Made-up documents (~100k characters) that stand in for the stdlib corpus of the first-start
+    build: the `default` preset then builds in seconds (small BPE, a few steps)."""
+    rng = random.Random(0)
+    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 8))) for _ in range(300)]
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(20, 60))) + "." for _ in range(n)]
+
+
+@pytest.fixture
+def small_default_corpus(monkeypatch):
+    """`build_default_base` reads `small_default_corpus_texts()` instead of the standard library."""
+    import app.ml.base
+
+    texts = small_default_corpus_texts()
+    monkeypatch.setattr(app.ml.base, "default_corpus", lambda: list(texts))
+    return texts

@@ -10,7 +10,8 @@
   it checkpoints (weights, AdamW state, data order, RNG, its BPE; safetensors + JSON) and resumes
   from the newest checkpoint there, ending bit-identical to an uninterrupted run.
 - `build_default_base(out_dir)` is the one call the service makes on first start: stdlib corpus ->
-  8k BPE -> the `default` preset -> about four minutes of training on 2 CPU cores.
+  8k BPE -> the `default` preset -> about four minutes of training on 2 CPU cores; given a
+  `checkpoint_dir`, a build killed midway resumes there.
 
 Presets come in GPT-2 style (learned positions, LayerNorm, GELU MLP, multi-head attention) and
 Llama style (rotary positions, RMSNorm, SwiGLU MLP, grouped-query attention), keyed
@@ -217,6 +218,10 @@ class BaseTrainingConfig:
     time_budget_s: float | None = None
 
 
+class CheckpointMismatchError(ValueError):
+    """`train_base` found a checkpoint written for other data or hyperparameters."""
+
+
 @dataclass
 class BaseTrainResult:
     path: str | None  # None when cancelled (nothing is written)
@@ -307,7 +312,8 @@ def train_base(
     steps (None: about 10 per run, at least one every 200 steps; 0: only when cancelled), the last
     `keep_checkpoints` kept. If `checkpoint_dir` already holds a complete checkpoint, training
     resumes from the newest one and ends with the same weights as an uninterrupted run; a
-    checkpoint written for other data or hyperparameters is refused (ValueError).
+    checkpoint written for other data or hyperparameters is refused (CheckpointMismatchError, a
+    ValueError).
     """
     callbacks = callbacks or TrainingCallbacks()
     config = config or BaseTrainingConfig()
@@ -392,7 +398,8 @@ def train_base(
         st = resume["state"]
         if st["run"] != run_identity:
             differ = sorted(k for k in run_identity if st["run"].get(k) != run_identity[k])
-            raise ValueError(f"the checkpoint in {ckpt_root} was written for another run (differs in {differ})")
+            raise CheckpointMismatchError(
+                f"the checkpoint in {ckpt_root} was written for another run (differs in {differ})")
         order, generator_state = _restore_checkpoint(resume, model, optimizer, device)
         generator.set_state(generator_state)
         step, cursor, epoch = st["step"], st["cursor"], st["epoch"]
@@ -675,12 +682,20 @@ DEFAULT_BUILD_BUDGET_S = 300.0
 def build_default_base(
     out_dir: str, seed: int = 0, callbacks: TrainingCallbacks | None = None,
     config: BaseTrainingConfig | None = None, budget_s: float | None = DEFAULT_BUILD_BUDGET_S,
+    checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int | None = None,
 ) -> BaseTrainResult:
     """The service's first-start base: stdlib corpus -> 8k BPE -> `(DEFAULT_ARCHITECTURE, "default")`.
 
     The preset's fixed step count makes the build deterministic for a seed; `budget_s` (whole call,
     corpus included) is a safety net for slow or busy machines, which then stop training early.
     `config` overrides the preset's hyperparameters (tests use a few steps).
+
+    With `checkpoint_dir`, the build checkpoints like any `train_base` run (`checkpoint_every`, None:
+    about 10 per build) and a build killed midway resumes from the newest checkpoint there, ending
+    with the same fingerprint as an uninterrupted one. `budget_s` counts this call only, so a resumed
+    build has the whole budget for its remaining steps. Checkpoints of another build (another
+    Python's standard library, another step count or seed) are deleted and the build starts over.
+    The caller removes `checkpoint_dir` once the base is in place.
 
     Measured on the shared 2-core dev box (CPython 3.11 stdlib, torch 2.13 CPU):
     - corpus: 29,380 documents, 4.60M characters, 1.17M tokens with the 8k BPE (28,843 train /
@@ -706,7 +721,21 @@ def build_default_base(
     texts = default_corpus()
     train, valid = split_train_valid(texts)
     config = config or BaseTrainingConfig()
-    if budget_s is not None and config.time_budget_s is None:
-        config = replace(config, time_budget_s=budget_s - (time.time() - t0))
-    return train_base(out_dir, train, valid, init_from=None, architecture=DEFAULT_ARCHITECTURE, size="default",
-                      config=config, seed=seed, callbacks=callbacks, corpus_name="python-stdlib-docs")
+
+    def attempt() -> BaseTrainResult:
+        cfg = config
+        if budget_s is not None and config.time_budget_s is None:
+            cfg = replace(config, time_budget_s=budget_s - (time.time() - t0))
+        return train_base(out_dir, train, valid, init_from=None, architecture=DEFAULT_ARCHITECTURE,
+                          size="default", config=cfg, seed=seed, callbacks=callbacks,
+                          corpus_name="python-stdlib-docs", checkpoint_dir=checkpoint_dir,
+                          checkpoint_every=checkpoint_every)
+
+    try:
+        return attempt()
+    except CheckpointMismatchError as e:
+        if checkpoint_dir is None:  # cannot happen: no checkpoint is read without a directory
+            raise
+        log.warning("discarding the default base build's checkpoints: %s; starting over", e)
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        return attempt()

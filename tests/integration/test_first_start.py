@@ -37,6 +37,7 @@ def test_first_start_builds_the_default_base_then_serves_it(tmp_path):
         meta = json.loads((svc.data_dir / "models" / "default" / "base_meta.json").read_text())
         assert meta["steps"] == meta["planned_steps"] == BUILD_STEPS
         assert meta["corpus"]["name"] == "python-stdlib-docs"
+        assert not (svc.data_dir / "models" / ".default-build").exists()  # its checkpoints, removed once built
 
         t = svc.make_tenant()
         models = t.client.get("/v1/models").json()["data"]

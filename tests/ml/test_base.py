@@ -6,6 +6,7 @@ import json
 import math
 import os
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -350,3 +351,53 @@ def test_checkpoint_of_another_run_is_refused(tmp_path, resume_texts):
         train_base(str(tmp_path / "b"), *resume_texts, size="tiny",
                    config=BaseTrainingConfig(steps=3, max_eval_blocks=2, lr=1e-2), seed=3, device="cpu",
                    checkpoint_dir=ckpt)
+
+
+# --------------------------------------------------------------------------- the first-start build
+# build_default_base on made-up documents (the `small_default_corpus` fixture): the `default` preset
+# with a small BPE and 4 steps of 2 x 32 tokens builds in a few seconds
+
+
+BUILD_CFG = BaseTrainingConfig(steps=4, batch_size=2, max_seq_len=32, max_eval_blocks=2)
+
+
+def test_killed_default_build_resumes_from_its_checkpoint_same_fingerprint(tmp_path, small_default_corpus):
+    from app.ml.base import build_default_base
+
+    straight = build_default_base(str(tmp_path / "straight"), config=BUILD_CFG)
+    assert straight.meta["resumed_from_step"] is None and straight.steps == 4
+
+    ckpt = tmp_path / "ckpt"
+    dead = _DieAt(3)
+    with pytest.raises(_Died):  # the process dies during step 4's progress report
+        build_default_base(str(tmp_path / "dead"), config=BUILD_CFG, callbacks=dead, checkpoint_dir=ckpt,
+                           checkpoint_every=2)
+    assert dead.checkpoints == [2] and _steps(ckpt) == ["step-00000002"]
+    assert not (tmp_path / "dead").exists()
+
+    progress = _StopAfter(10**6)
+    resumed = build_default_base(str(tmp_path / "resumed"), config=BUILD_CFG, callbacks=progress,
+                                 checkpoint_dir=ckpt, checkpoint_every=2)
+    assert resumed.meta["resumed_from_step"] == 2 and resumed.steps == 4
+    assert [p.step for p in progress.progress] == [3, 4]  # steps 1-2 were not run again
+    assert resumed.fingerprint == straight.fingerprint
+    _assert_same_weights(resumed.path, straight)
+    assert resumed.meta["corpus"]["name"] == "python-stdlib-docs"
+    assert not resumed.metrics["stopped_by_time_budget"]
+
+
+def test_default_build_discards_checkpoints_of_another_build(tmp_path, small_default_corpus):
+    """E.g. DEFAULT_BASE_BUILD_STEPS or the Python version changed between two starts: the build
+    starts over instead of refusing to start."""
+    from app.ml.base import build_default_base
+
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(_Died):
+        build_default_base(str(tmp_path / "dead"), config=BUILD_CFG, callbacks=_DieAt(2), checkpoint_dir=ckpt,
+                           checkpoint_every=1)
+    assert _steps(ckpt) == ["step-00000001", "step-00000002"]
+    other = replace(BUILD_CFG, steps=2)
+    r = build_default_base(str(tmp_path / "other"), config=other, checkpoint_dir=ckpt, checkpoint_every=0)
+    assert r.steps == 2 and r.meta["resumed_from_step"] is None
+    assert not ckpt.exists() or _steps(ckpt) == []  # the other build's checkpoints are gone
+    assert r.fingerprint == build_default_base(str(tmp_path / "plain"), config=other).fingerprint

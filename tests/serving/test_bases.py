@@ -57,7 +57,7 @@ def test_default_base_is_built_once_and_registered(store, tiny_base_dirs, monkey
     settings, factory, blobs = store
     calls = []
 
-    def fake_build(out_dir, seed=0, callbacks=None, config=None):
+    def fake_build(out_dir, seed=0, callbacks=None, config=None, **kwargs):
         calls.append(out_dir)
         shutil.copytree(tiny_base_dirs["llama"], out_dir, dirs_exist_ok=True)
 
@@ -93,7 +93,7 @@ def test_default_base_build_steps_setting_reaches_the_build(store, tiny_base_dir
     settings, factory, blobs = store
     seen = []
 
-    def fake_build(out_dir, seed=0, callbacks=None, config=None):
+    def fake_build(out_dir, seed=0, callbacks=None, config=None, **kwargs):
         seen.append(config)
         shutil.copytree(tiny_base_dirs["llama"], out_dir, dirs_exist_ok=True)
 
@@ -105,3 +105,42 @@ def test_default_base_build_steps_setting_reaches_the_build(store, tiny_base_dir
     assert seen[0].steps == 5
     with pytest.raises(ValueError):  # pydantic refuses a negative step count at startup
         Settings(default_base_build_steps=-1)
+
+
+class _Died(BaseException):
+    """Stands in for the API process being killed mid-build: nothing catches it."""
+
+
+def test_killed_first_start_build_resumes_on_next_start_then_cleans_up(store, small_default_corpus, monkeypatch,
+                                                                        caplog):
+    import json
+    import logging
+
+    settings, factory, blobs = store
+    settings = settings.model_copy(update={"default_base_build_steps": 2})
+    models = settings.data_dir.resolve() / "models"
+    ckpt = models / bases.BUILD_CHECKPOINT_DIR
+
+    class DieAtStep2(bases._BuildLog):
+        def on_progress(self, progress):
+            super().on_progress(progress)
+            if progress.step == 2:
+                raise _Died()
+
+    caplog.set_level(logging.INFO, logger="prefixd.bases")
+    monkeypatch.setattr(bases, "_BuildLog", DieAtStep2)
+    with factory() as s, pytest.raises(_Died):
+        bases.ensure_default_base(settings, s, blobs)
+    assert not (models / "default").exists()
+    assert sorted(p.name for p in ckpt.iterdir()) == ["step-00000001"]  # under DATA_DIR, one per step here
+    assert any("step 1 of 2 checkpointed" in r.getMessage() for r in caplog.records)
+
+    monkeypatch.setattr(bases, "_BuildLog", DieAtStep2.__mro__[1])  # the next start runs to the end
+    with factory() as s:
+        rec = bases.ensure_default_base(settings, s, blobs)
+    meta = json.loads((models / "default" / "base_meta.json").read_text())
+    assert meta["resumed_from_step"] == 1 and meta["steps"] == 2
+    assert rec.id == "default" and rec.fingerprint == meta["fingerprint"]
+    assert not ckpt.exists()  # cleaned up once the base is in place
+    assert sorted(p.name for p in models.iterdir()) == [bases.BUILD_LOCK_FILE, "default"]
+
