@@ -1,5 +1,5 @@
 """Cancellation of in-flight requests on every API replica: key revocation, tenant suspension or
-deletion.
+deletion; and eviction of deleted adapters from every replica's adapter cache.
 
 Why: auth looks the key up in the database on every request, so every replica refuses a revoked
 key's (or suspended tenant's) *new* requests at once. But the requests it already holds, queued
@@ -14,9 +14,13 @@ way. Embedded mode (one process, no Redis) does only the local part.
 Messages carry ids, never a raw key: `{"kind": "key", "key_hash": <sha256 hex>}`,
 `{"kind": "tenant", "tenant_id": ..., "deleted": bool}` and `{"kind": "tenant_resumed",
 "tenant_id": ...}` (an unsuspension: the replicas forget the tenant in `RecentlyStopped`, or they
-would cancel its new requests for the rest of its memory). Applying a message twice does nothing
-more, so the sender's own copy is applied again rather than filtered out: each replica then ends
-in the state of the last message published, whichever replica sent it.
+would cancel its new requests for the rest of its memory). A tenant's deletion also evicts its
+adapters from each replica's adapter cache (`ServingEngine.evict_tenant`), and
+`{"kind": "adapter_deleted", "model_id": ...}` (DELETE /v1/models/{id}) evicts one adapter
+(`ServingEngine.evict`): a replica that still held it in memory would otherwise keep that memory
+until the LRU pushed it out (new requests for it are refused anyway: its record is gone). Applying
+a message twice does nothing more, so the sender's own copy is applied again rather than filtered
+out: each replica then ends in the state of the last message published, whichever replica sent it.
 
 The channel is `prefixd:stops:<db index>` (pub/sub ignores the db index, so deployments sharing a
 Redis server on different dbs stay apart). Pub/sub delivers at most once: a replica that is not
@@ -37,7 +41,7 @@ log = logging.getLogger("prefixd.stops")
 
 CHANNEL_PREFIX = "prefixd:stops:"
 MAX_MESSAGE_BYTES = 1024
-KINDS = ("key", "tenant", "tenant_resumed")
+KINDS = ("key", "tenant", "tenant_resumed", "adapter_deleted")
 _KEY_HASH_RE = re.compile(r"^[0-9a-f]{64}$")
 PING_INTERVAL_S = 5.0  # the listener pings its connection; no answer in 3 intervals: reconnect
 BACKOFF_S = (0.2, 30.0)  # first and largest wait between reconnection attempts
@@ -81,6 +85,9 @@ def decode_obj(obj) -> dict | None:
         if kind == "tenant_resumed":
             return {"kind": kind, "tenant_id": tid}
         return {"kind": kind, "tenant_id": tid, "deleted": obj.get("deleted") is True}
+    if kind == "adapter_deleted":
+        mid = obj.get("model_id")
+        return {"kind": kind, "model_id": mid} if is_valid_id(mid) else None
     return None
 
 
@@ -91,8 +98,11 @@ def apply(app, msg: dict) -> int:
     """Apply a (decoded) stop message in this process; returns how many rows the engine cancelled."""
     from app.api.deps import recently_stopped
 
-    stopped = recently_stopped(app)
     kind = msg["kind"]
+    if kind == "adapter_deleted":
+        _serving_call(app, "evict", msg["model_id"])
+        return 0
+    stopped = recently_stopped(app)
     if kind == "tenant_resumed":
         stopped.discard(f"tenant:{msg['tenant_id']}")
         return 0
@@ -101,7 +111,9 @@ def apply(app, msg: dict) -> int:
         return _serving_call(app, "cancel_key", msg["key_hash"])
     stopped.add(f"tenant:{msg['tenant_id']}")
     if msg.get("deleted"):
-        return _serving_call(app, "cancel_tenant", msg["tenant_id"], "the tenant was deleted")
+        cancelled = _serving_call(app, "cancel_tenant", msg["tenant_id"], "the tenant was deleted")
+        _serving_call(app, "evict_tenant", msg["tenant_id"])  # its adapters' key/values
+        return cancelled
     return _serving_call(app, "cancel_tenant", msg["tenant_id"])
 
 
@@ -134,6 +146,10 @@ def tenant_stopped(app, tenant_id: str, *, deleted: bool = False) -> None:
 
 def tenant_resumed(app, tenant_id: str) -> None:
     stop(app, {"kind": "tenant_resumed", "tenant_id": tenant_id})
+
+
+def adapter_deleted(app, model_id: str) -> None:
+    stop(app, {"kind": "adapter_deleted", "model_id": model_id})
 
 
 # ----------------------------------------------------------------------------- Redis

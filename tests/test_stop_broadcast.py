@@ -75,7 +75,8 @@ def test_messages_round_trip_and_carry_no_key():
     for msg in ({"kind": "key", "key_hash": KEY_HASH},
                 {"kind": "tenant", "tenant_id": "tenant-abc", "deleted": False},
                 {"kind": "tenant", "tenant_id": "tenant-abc", "deleted": True},
-                {"kind": "tenant_resumed", "tenant_id": "tenant-abc"}):
+                {"kind": "tenant_resumed", "tenant_id": "tenant-abc"},
+                {"kind": "adapter_deleted", "model_id": "ft:default:tenant-abc:my-suffix:job-1"}):
         data = sb.encode(msg)
         assert sb.decode(data) == msg and sb.decode(data.decode()) == msg
         assert b"sk-" not in data
@@ -89,6 +90,8 @@ def test_messages_round_trip_and_carry_no_key():
     json.dumps({"kind": "key", "key_hash": KEY_HASH.upper()}).encode(),
     b'{"kind":"key"}', b'{"kind":"tenant","tenant_id":"a/b"}', b'{"kind":"tenant","tenant_id":7}',
     b'{"kind":"tenant_resumed","tenant_id":""}',
+    b'{"kind":"adapter_deleted"}', b'{"kind":"adapter_deleted","model_id":"ft:a/../b"}',
+    b'{"kind":"adapter_deleted","tenant_id":"t1"}', b'{"kind":"adapter_deleted","model_id":["m"]}',
     json.dumps({"kind": "tenant", "tenant_id": "t1", "pad": "x" * 2000}).encode(),  # too long
     12,
 ])
@@ -235,3 +238,80 @@ def test_unreachable_redis_neither_raises_nor_blocks_shutdown():
     finally:
         bus.stop()
     assert not bus._thread.is_alive() and got == []
+
+
+# ----------------------------------------------------------------------------- adapter eviction
+
+
+class _Adapter:
+    num_virtual_tokens = 2
+
+    def key_values(self, dtype=None, device=None):
+        return "kv"
+
+
+def _serving_engine():
+    """A real ServingEngine (its adapter cache, prefix_for, evict, evict_tenant), not started, on a
+    stand-in base; adapters load from a stand-in loader."""
+    from app.serving.engine import ServingEngine
+
+    engine = ServingEngine(Settings(adapter_cache_size=8), adapter_loader=lambda key: _Adapter(),
+                           check_compatible=lambda adapter, base: None)
+    engine.set_base("default", SimpleNamespace(fingerprint="fp", model=None, device="cpu"))
+    return engine
+
+
+# two tenants' adapters, ids as app.jobs.service.fine_tuned_model_id makes them
+T1, T2 = "tenant-one", "tenant-two"
+ADAPTERS = {f"ft:default:{T1}:a:job-1": T1, f"ft:default:{T1}:b:job-2": T1,
+            f"ft:default:{T2}:a:job-3": T2, f"ft:default:{T2}:b:job-4": T2}
+
+
+def _load_adapters(engine):
+    for model_id, tenant_id in ADAPTERS.items():
+        engine.prefix_for(model_id, f"adapters/{tenant_id}/{model_id}", tenant_id=tenant_id)
+    assert sorted(engine.cache.keys()) == sorted(ADAPTERS)
+
+
+def test_apply_evicts_a_deleted_tenants_adapters_and_a_deleted_adapter():
+    engine = _serving_engine()
+    _load_adapters(engine)
+    app = _app(engine)
+    assert sb.apply(app, {"kind": "tenant", "tenant_id": T1, "deleted": False}) == 0
+    assert len(engine.cache) == 4  # a suspension keeps the adapters: the tenant may come back
+    assert sb.apply(app, {"kind": "tenant", "tenant_id": T1, "deleted": True}) == 0  # no rows in flight
+    assert sorted(engine.cache.keys()) == [f"ft:default:{T2}:a:job-3", f"ft:default:{T2}:b:job-4"]
+    assert sb.apply(app, {"kind": "adapter_deleted", "model_id": f"ft:default:{T2}:a:job-3"}) == 0
+    assert engine.cache.keys() == [f"ft:default:{T2}:b:job-4"]
+    # twice does nothing more; no engine, or a failing one: nothing raised
+    assert sb.apply(app, {"kind": "tenant", "tenant_id": T1, "deleted": True}) == 0
+    assert sb.apply(app, {"kind": "adapter_deleted", "model_id": f"ft:default:{T2}:a:job-3"}) == 0
+    assert engine.cache.keys() == [f"ft:default:{T2}:b:job-4"]
+    assert sb.apply(_app(None), {"kind": "adapter_deleted", "model_id": "m"}) == 0
+    assert sb.apply(_app(SimpleNamespace(evict=lambda *a: 1 / 0)), {"kind": "adapter_deleted", "model_id": "m"}) == 0
+    assert "tenant:" + T2 not in recently_stopped(app)  # an adapter's deletion stops no request
+
+
+def test_every_replica_evicts_a_deleted_tenants_and_a_deleted_adapters_entries(redis_url):
+    """Two "replicas", each with its own engine holding both tenants' adapters: the tenant deleted
+    through replica 0 and the adapter deleted through replica 1 leave both caches with the one
+    adapter left."""
+    channel = _channel()
+    apps = [_app(_serving_engine()), _app(_serving_engine())]
+    buses = [sb.StopBroadcast(redis_url, (lambda a: lambda msg: sb.apply(a, msg))(a), channel=channel).start()
+             for a in apps]
+    try:
+        for a, bus in zip(apps, buses):
+            a.state.stop_broadcast = bus
+            _load_adapters(a.state.serving)
+        assert all(bus.subscribed.wait(20) for bus in buses)
+        sb.tenant_stopped(apps[0], T1, deleted=True)
+        assert len(apps[0].state.serving.cache) == 2  # the receiving replica evicts at once
+        sb.adapter_deleted(apps[1], f"ft:default:{T2}:a:job-3")
+        assert _wait(lambda: all(bus.received == 2 for bus in buses)), [bus.received for bus in buses]
+        for a in apps:
+            assert a.state.serving.cache.keys() == [f"ft:default:{T2}:b:job-4"]
+            assert f"tenant:{T1}" in recently_stopped(a)
+    finally:
+        for bus in buses:
+            bus.stop()

@@ -130,7 +130,6 @@ def delete_tenant(tenant_id: str, request: Request, _: AdminDep, session: Sessio
     keys.update(session.scalars(select(File.blob_key).where(File.tenant_id == t.id)))
     keys.update(k for k in session.scalars(select(ModelRecord.blob_key).where(ModelRecord.tenant_id == t.id)) if k)
     keys.update(k for k in session.scalars(select(JobCheckpoint.blob_key).where(JobCheckpoint.tenant_id == t.id)) if k)
-    model_ids = list(session.scalars(select(ModelRecord.id).where(ModelRecord.tenant_id == t.id)))
     job_ids = select(Job.id).where(Job.tenant_id == t.id)
     session.execute(delete(JobEvent).where(JobEvent.job_id.in_(job_ids)))
     session.execute(delete(JobCheckpoint).where(JobCheckpoint.job_id.in_(job_ids)))
@@ -152,13 +151,7 @@ def delete_tenant(tenant_id: str, request: Request, _: AdminDep, session: Sessio
             blobs.delete_prefix(f"{kind}/{t.id}/")
         except Exception:  # noqa: BLE001
             log.warning("could not delete blobs %s/%s/", kind, t.id, exc_info=True)
-    evict = getattr(getattr(request.app.state, "serving", None), "evict", None)
-    if callable(evict):  # the serving engine may hold the tenant's adapters in its cache
-        for model_id in model_ids:
-            try:
-                evict(model_id)
-            except Exception:  # noqa: BLE001
-                log.warning("serving engine could not evict %s", model_id, exc_info=True)
+    # cancels its requests and evicts its adapters from the serving cache, here and on every replica
     stop_broadcast.tenant_stopped(request.app, t.id, deleted=True)
     log.info("deleted tenant %s", t.id)
     return TenantDeleted(id=t.id)

@@ -30,6 +30,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel
 from sqlalchemy import or_, select
 
+from app import stop_broadcast
 from app.api.deps import BlobsDep, SessionDep, SettingsDep, TenantDep
 from app.api.errors import APIError
 from app.quotas import check_adapter_count, insert_with_blob
@@ -145,7 +146,7 @@ def resolve_model(session, engine, tenant_id: str, model_id: str, *, param: str 
     from app.ml.adapter import AdapterFormatError, AdapterMismatchError
 
     try:
-        entry = engine.prefix_for(record.id, record.blob_key)
+        entry = engine.prefix_for(record.id, record.blob_key, tenant_id=record.tenant_id)
     except AdapterMismatchError as e:
         raise APIError(409, f"The adapter '{record.id}' does not fit the served base '{served.id}': {e}",
                        param=param, code="adapter_base_mismatch", headers=NO_RETRY) from None
@@ -239,9 +240,7 @@ def delete_model(model_id: str, request: Request, tenant: TenantDep, session: Se
     key = record.blob_key
     session.delete(record)
     session.commit()
-    engine = getattr(request.app.state, "serving", None)
-    if engine is not None:
-        engine.evict(model_id)
+    stop_broadcast.adapter_deleted(request.app, model_id)  # from the adapter cache of every replica
     try:
         if key.endswith("/"):
             blobs.delete_prefix(key)

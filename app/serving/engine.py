@@ -292,8 +292,9 @@ class ServingEngine:
         return self._served
 
     # -- adapters ----------------------------------------------------------------------------
-    def prefix_for(self, model_id: str, blob_key: str) -> CachedPrefix:
-        """The served base's key/values for an adapter; loads it on a cache miss.
+    def prefix_for(self, model_id: str, blob_key: str, tenant_id: str | None = None) -> CachedPrefix:
+        """The served base's key/values for an adapter; loads it on a cache miss. `tenant_id`, the
+        adapter's owner, is kept with the cache entry for `evict_tenant`.
 
         Raises app.ml.adapter.AdapterMismatchError if it was trained for another base."""
         served = self.require_served()
@@ -307,10 +308,10 @@ class ServingEngine:
             kv = adapter.key_values(dtype=getattr(model, "dtype", None), device=getattr(served.base, "device", "cpu"))
             return CachedPrefix(served.fingerprint, kv, int(adapter.num_virtual_tokens), adapter)
 
-        entry = self.cache.get(model_id, load)
+        entry = self.cache.get(model_id, load, owner=tenant_id)
         if entry.fingerprint != served.fingerprint:  # loaded for a base that is no longer served
             self.cache.evict(model_id)
-            entry = self.cache.get(model_id, load)
+            entry = self.cache.get(model_id, load, owner=tenant_id)
         metrics.cache_size(len(self.cache))
         return entry
 
@@ -324,6 +325,12 @@ class ServingEngine:
         evicted = self.cache.evict(model_id)
         metrics.cache_size(len(self.cache))
         return evicted
+
+    def evict_tenant(self, tenant_id: str) -> int:
+        """Evict every cached adapter of a tenant (its deletion); returns how many."""
+        evicted = self.cache.evict_owner(tenant_id)
+        metrics.cache_size(len(self.cache))
+        return len(evicted)
 
     # -- submission (called from the event loop) ---------------------------------------------
     def submit_generation(
