@@ -12,10 +12,13 @@ The task: "Item: the <adjective> <word> in the <place>. Category:" -> " <categor
 of 6 words each. The label depends on one word; the adjective and the place are distractors.
 - `held`: unseen prompts; every label word was seen in training, but with adjectives that never
   appear in training (unseen combinations). This is the headline `em_prefix`.
+- `combos`: unseen prompts made of training words only (adjective, label word and place each seen
+  in training, never together): `em_prefix_combos`, the easier reading of "unseen prompts".
 - `new_words`: prompts whose label word never appears in training (reported, not required: the
   prefix can only get these from what the base knows about the words).
 
-Last line: JSON with em_base, em_prefix, em_new_words, train_seconds, base_build_seconds, ...
+Last line: JSON with em_base, em_prefix, em_base_combos, em_prefix_combos, em_new_words,
+train_seconds, base_build_seconds, ...
 `--quick`: 200 training pairs and 60 held-out prompts instead of 360 and 150.
 """
 
@@ -61,23 +64,24 @@ def example(adj: str, word: str, place: str, cat: str) -> Example:
 def make_task(n_train: int, n_eval: int, seed: int = 0) -> dict[str, list[Example]]:
     rng = random.Random(seed)
 
-    def sample(n, adjs, words_of):
-        out, seen = [], set()
+    def sample(n, adjs, words_of, exclude=frozenset()):
+        out, seen = [], set(exclude)  # prompts
         while len(out) < n:
             cat = rng.choice(list(CATEGORIES))
-            key = (rng.choice(adjs), rng.choice(words_of(cat)), rng.choice(PLACES), cat)
-            if key not in seen:
-                seen.add(key)
-                out.append(example(*key))
+            ex = example(rng.choice(adjs), rng.choice(words_of(cat)), rng.choice(PLACES), cat)
+            if ex.prompt not in seen:
+                seen.add(ex.prompt)
+                out.append(ex)
         return out
 
     seen_words = lambda c: CATEGORIES[c][:N_SEEN_WORDS]  # noqa: E731
     new_words = lambda c: CATEGORIES[c][N_SEEN_WORDS:]  # noqa: E731
-    return {
-        "train": sample(n_train, TRAIN_ADJ, seen_words),
-        "held": sample(n_eval, HELD_ADJ, seen_words),
-        "new_words": sample(n_eval // 2, HELD_ADJ, new_words),
-    }
+    train = sample(n_train, TRAIN_ADJ, seen_words)
+    held = sample(n_eval, HELD_ADJ, seen_words)
+    new = sample(n_eval // 2, HELD_ADJ, new_words)
+    # sampled last, so that the splits above stay what they always were
+    combos = sample(n_eval, TRAIN_ADJ, seen_words, exclude={e.prompt for e in train})
+    return {"train": train, "held": held, "new_words": new, "combos": combos}
 
 
 @torch.no_grad()
@@ -125,6 +129,8 @@ def main(argv=None) -> dict:
     out = {
         "em_base": exact_match(base, task["held"]),
         "em_prefix": exact_match(base, task["held"], kv),
+        "em_base_combos": exact_match(base, task["combos"]),
+        "em_prefix_combos": exact_match(base, task["combos"], kv),
         "em_prefix_train": exact_match(base, train[:n_eval], kv),
         "em_new_words": exact_match(base, task["new_words"], kv),
         "train_seconds": round(train_s, 1),

@@ -9,7 +9,8 @@ as `make run` has it) serving the `default` base (`--base`, else ./var/bench/def
 whose `method` is `{"type": "prefix"}`, waits for it, and then sends the unseen prompts to
 `/v1/completions` at temperature 0 with the fine-tuned model and with the base alone.
 
-Last line: JSON with em_prefix, em_base (exact match on the unseen prompts), job_seconds (created
+Last line: JSON with em_prefix, em_base (exact match on the unseen prompts with unseen adjectives),
+em_prefix_combos, em_base_combos (unseen prompts made of training words), job_seconds (created
 to succeeded, the issue's "within 10 minutes on 2 cores"), trained_tokens, resolved
 hyperparameters.
 """
@@ -90,6 +91,9 @@ def main(argv=None) -> dict:
             out = {
                 "em_base": asyncio.run(_exact_match(url, t["api_key"], base_id, task["held"])),
                 "em_prefix": asyncio.run(_exact_match(url, t["api_key"], job["fine_tuned_model"], task["held"])),
+                "em_base_combos": asyncio.run(_exact_match(url, t["api_key"], base_id, task["combos"])),
+                "em_prefix_combos": asyncio.run(
+                    _exact_match(url, t["api_key"], job["fine_tuned_model"], task["combos"])),
                 "job_seconds": round(job_s, 1),
                 "trained_tokens": job.get("trained_tokens"),
                 "hyperparameters": job.get("hyperparameters"),

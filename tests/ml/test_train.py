@@ -4,6 +4,7 @@ import json
 import math
 import types
 from contextlib import nullcontext
+from dataclasses import replace
 
 import pytest
 import torch
@@ -327,7 +328,7 @@ def test_early_stopping_returns_the_best_prefix(gpt2):
         def on_eval(self, step, metrics):
             evals.append((step, metrics["valid_loss"]))
 
-    config = cfg(n_epochs=10, eval_every=1, early_stopping_patience=2, learning_rate=0.1)
+    config = cfg(n_epochs=10, eval_every=1, early_stopping_patience=2, early_stopping_start=0.0, learning_rate=0.1)
     r = train_prefix(gpt2, SMALL, other, config, CB())
     assert r.metrics["early_stopped"] and r.steps < 60
     best_step, best = min(evals, key=lambda e: e[1])
@@ -336,6 +337,19 @@ def test_early_stopping_returns_the_best_prefix(gpt2):
     # the returned prefix is the best one, not the last: rerun up to the best step and compare
     upto = train_prefix(gpt2, SMALL, other, config, StopAt(best_step))
     assert torch.equal(r.table, upto.table)
+
+
+def test_early_stopping_waits_for_its_start(gpt2):
+    """Evaluations before `early_stopping_start` of the steps do not count against the patience."""
+    other = [Example(e.prompt, " the quick brown fox jumps over") for e in SMALL[:8]]
+    config = cfg(n_epochs=10, eval_every=1, early_stopping_patience=2, learning_rate=0.1)
+    total = 10 * math.ceil(len(SMALL) / config.batch_size)
+    at_once = train_prefix(gpt2, SMALL, other, replace(config, early_stopping_start=0.0))
+    assert at_once.metrics["early_stopped"] and at_once.steps < 0.6 * total  # would stop before the start
+    r = train_prefix(gpt2, SMALL, other, replace(config, early_stopping_start=0.6))
+    assert r.steps >= 0.6 * total  # stopped after the start, or ran to the end
+    with pytest.raises(ValueError, match="early_stopping_start"):
+        cfg(early_stopping_start=1.5).validate()
 
 
 def test_bf16_autocast_path_runs(gpt2):
