@@ -160,3 +160,25 @@ class GenerationCache(DynamicCache):
         self.layer_class_to_replicate = GrowingLayer
         for i, (k, v) in enumerate(batch_kv or []):
             self.update(k, v, i)
+
+
+_MASK_SUPPORT: dict[type, bool] = {}
+
+
+def keeps_logits_by_mask(model) -> bool:
+    """Whether `model` takes a boolean [B, L] `logits_to_keep` (transformers' `slice_logits_to_keep`,
+    which returns the kept positions flattened): the model's module slices with it, and the helper
+    of the installed transformers knows boolean masks. Older versions keep the last-k path."""
+    cls = type(model)
+    if cls not in _MASK_SUPPORT:
+        import sys
+
+        fn = getattr(sys.modules.get(cls.__module__), "slice_logits_to_keep", None)
+        ok = False
+        if fn is not None:
+            try:
+                ok = tuple(fn(torch.zeros(1, 2, 1), torch.tensor([[False, True]])).shape) == (1, 1)
+            except Exception:  # an int/1-D-only helper
+                ok = False
+        _MASK_SUPPORT[cls] = ok
+    return _MASK_SUPPORT[cls]

@@ -53,7 +53,7 @@ from app.ml.data import (
     sorted_batches,
     tokenize_example,
 )
-from app.ml.kvcache import FrozenPrefixCache, ModelGeometry, batch_prefixes, positions_from_mask
+from app.ml.kvcache import FrozenPrefixCache, ModelGeometry, batch_prefixes, keeps_logits_by_mask, positions_from_mask
 from app.ml.prefix import PrefixConfig, PrefixEncoder, key_values_to_table
 
 __all__ = ["PrefixTrainingConfig", "Progress", "TrainingCallbacks", "TrainResult", "train_prefix"]
@@ -312,7 +312,7 @@ def _batch_loss(model, encoder, geometry, batch, kv_dtype, amp_ctx, keep_logits:
         cache=FrozenPrefixCache(batch_kv),
         use_cache=False,
     )
-    if keep_logits and _keeps_logits_by_mask(model):
+    if keep_logits and keeps_logits_by_mask(model):
         # Only the positions whose next token is a label need the vocabulary projection: the model
         # returns their logits flattened, [N labels, vocab], nothing else is computed or kept.
         predicts_label = labels[:, 1:] != IGNORE_INDEX
@@ -386,28 +386,6 @@ def _checkpointed(fn, *args, **kwargs):
 
 def _lean_tanh_gelu(fn, x):
     return _TanhGelu.apply(x, fn)
-
-
-_MASK_SUPPORT: dict[type, bool] = {}
-
-
-def _keeps_logits_by_mask(model) -> bool:
-    """Whether `model` takes a boolean [B, L] `logits_to_keep` (transformers' `slice_logits_to_keep`,
-    which returns the kept positions flattened): the model's module slices with it, and the helper
-    of the installed transformers knows boolean masks. Older versions keep the last-k path."""
-    cls = type(model)
-    if cls not in _MASK_SUPPORT:
-        import sys
-
-        fn = getattr(sys.modules.get(cls.__module__), "slice_logits_to_keep", None)
-        ok = False
-        if fn is not None:
-            try:
-                ok = tuple(fn(torch.zeros(1, 2, 1), torch.tensor([[False, True]])).shape) == (1, 1)
-            except Exception:  # an int/1-D-only helper
-                ok = False
-        _MASK_SUPPORT[cls] = ok
-    return _MASK_SUPPORT[cls]
 
 
 @contextmanager
