@@ -13,10 +13,12 @@ shapes, so the same compute per token); without app.ml.base, a ~4M-parameter GPT
 weights. The JSON says which. Every request generates exactly `--new-tokens` tokens (ignore_eos),
 so the three modes do the same work.
 
-Measured (2 shared CPU cores under load average ~13, --quick --threads 1, default preset untrained,
-3.2M parameters): mixed_vs_shared 0.94; mixed_vs_one_at_a_time 7.7 with the E2E prompts (mean 43.5
-tokens) and 18.0 with --max-prompt-tokens 12. Decode steps batch ~15x on CPU; prefill is compute
-bound and batches only ~1.7x, so long prompts pull the one-at-a-time ratio below 10.
+Measured on the 4-KV-head default base (3.34M parameters, E2E prompts of 43.5 tokens on average):
+quiet 2-core machine, torch's 2 threads: mixed_vs_shared 0.96-0.97, mixed_vs_one_at_a_time
+9.2-9.6 (10.2 once under load); --threads 1: 6.9. Both sides are compute bound: a 32-row decode
+step is ~8 ms of matmuls (the vocabulary projection alone ~3), and the prefill of 32 prompts ~100 ms,
+against ~4 ms of per-forward overhead for a single row. With --max-prompt-tokens 12 the prefill
+shrinks and the ratio grows (18 on the session-1 base).
 """
 
 from __future__ import annotations
