@@ -146,6 +146,19 @@ def test_channel_is_per_redis_db():
 # ----------------------------------------------------------------------------- over Redis
 
 
+def _listening(redis_url: str, channel: str, apps: list) -> list:
+    """One started, subscribed listener per "replica" app, applying messages to that app."""
+    buses = [sb.StopBroadcast(redis_url, (lambda a: lambda msg: sb.apply(a, msg))(a), channel=channel).start()
+             for a in apps]
+    for a, bus in zip(apps, buses):
+        a.state.stop_broadcast = bus
+    if not all(bus.subscribed.wait(20) for bus in buses):
+        for bus in buses:
+            bus.stop()
+        raise AssertionError("a listener did not subscribe within 20 s")
+    return buses
+
+
 def test_every_listener_applies_what_any_replica_publishes(redis_url):
     """Two "replicas" on one channel: a stop published by one is applied by both (its own copy
     too: applying twice does nothing more), and a malformed message does not end the listener."""
@@ -153,12 +166,8 @@ def test_every_listener_applies_what_any_replica_publishes(redis_url):
 
     channel = _channel()
     apps = [_app(FakeEngine()), _app(FakeEngine())]
-    buses = [sb.StopBroadcast(redis_url, (lambda a: lambda msg: sb.apply(a, msg))(a), channel=channel).start()
-             for a in apps]
+    buses = _listening(redis_url, channel, apps)
     try:
-        for a, bus in zip(apps, buses):
-            a.state.stop_broadcast = bus
-        assert all(bus.subscribed.wait(20) for bus in buses)
         sb.key_revoked(apps[0], KEY_HASH)  # applied on app 0 at once, then published
         assert apps[0].state.serving.cancelled[0] == ("key", KEY_HASH, "the API key was revoked")
         raw = redis.Redis.from_url(redis_url)
@@ -298,13 +307,10 @@ def test_every_replica_evicts_a_deleted_tenants_and_a_deleted_adapters_entries(r
     adapter left."""
     channel = _channel()
     apps = [_app(_serving_engine()), _app(_serving_engine())]
-    buses = [sb.StopBroadcast(redis_url, (lambda a: lambda msg: sb.apply(a, msg))(a), channel=channel).start()
-             for a in apps]
+    for a in apps:
+        _load_adapters(a.state.serving)
+    buses = _listening(redis_url, channel, apps)
     try:
-        for a, bus in zip(apps, buses):
-            a.state.stop_broadcast = bus
-            _load_adapters(a.state.serving)
-        assert all(bus.subscribed.wait(20) for bus in buses)
         sb.tenant_stopped(apps[0], T1, deleted=True)
         assert len(apps[0].state.serving.cache) == 2  # the receiving replica evicts at once
         sb.adapter_deleted(apps[1], f"ft:default:{T2}:a:job-3")
