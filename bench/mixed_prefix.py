@@ -14,8 +14,8 @@ weights. The JSON says which. Every request generates exactly `--new-tokens` tok
 so the three modes do the same work.
 
 Measured on the 4-KV-head default base (3.34M parameters, E2E prompts of 43.5 tokens on average):
-quiet 2-core machine, torch's 2 threads: mixed_vs_shared 0.96-0.97, mixed_vs_one_at_a_time
-9.2-9.6 (10.2 once under load); --threads 1: 6.9. Both sides are compute bound: a 32-row decode
+quiet 2-core machine, torch's 2 threads: mixed_vs_shared 0.99, mixed_vs_one_at_a_time 9.91
+(10.2-10.6 under load, which hurts the one-at-a-time side more); --threads 1: 6.9. Both sides are compute bound: a 32-row decode
 step is ~8 ms of matmuls (the vocabulary projection alone ~3), and the prefill of 32 prompts ~100 ms,
 against ~4 ms of per-forward overhead for a single row. With --max-prompt-tokens 12 the prefill
 shrinks and the ratio grows (18 on the session-1 base).
