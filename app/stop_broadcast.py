@@ -24,8 +24,20 @@ out: each replica then ends in the state of the last message published, whicheve
 
 The channel is `prefixd:stops:<db index>` (pub/sub ignores the db index, so deployments sharing a
 Redis server on different dbs stay apart). Pub/sub delivers at most once: a replica that is not
-connected to Redis when a message is sent misses it, and its requests in flight finish (new ones
-are refused by auth as always). The listener reconnects with backoff and never raises into the API.
+connected to Redis when a message is sent misses it. So each time the listener's subscription is
+confirmed (the first time too: Redis may have been down since startup), it reconciles (`reconcile`):
+it takes the tenant ids and key hashes of the rows the local engine holds
+(`ServingEngine.inflight_credentials`), looks them up in the database, tenant by tenant, and applies
+what it would have heard: a `key` stop for a key revoked or gone, a `tenant` stop for a tenant
+suspended, a deleted one for a tenant gone. A stop committed before the subscription was confirmed
+is in the database then; one committed after reaches the new subscription. It runs in the listener
+thread, before the messages that arrived meanwhile, so a resumption published during it is applied
+after it. Nothing in flight: no query. The database is read only then, never per message, and a
+failed reconciliation is logged (its error type only) and the listener goes on. What reconciliation does not recover: a
+missed `tenant_resumed` (the replica cancels that tenant's new requests until its `RecentlyStopped`
+memory expires, 10 minutes) and a missed `adapter_deleted` (the cached key/values stay until the LRU
+evicts them; the adapter's record is gone, so no request uses them). New requests are refused by
+auth as always. The listener reconnects with backoff and never raises into the API.
 """
 
 from __future__ import annotations
@@ -128,6 +140,68 @@ def _serving_call(app, method: str, *args) -> int:
         return 0
 
 
+RECONCILE_CHUNK = 500  # ids per IN (...) query
+
+
+def reconcile(app, session_factory) -> int:
+    """Apply the stops this replica may have missed to the rows its engine holds now (see the
+    module docstring); returns how many rows were cancelled. Raises on a database failure (the
+    listener logs it)."""
+    from sqlalchemy import select
+
+    from app.store.models import ApiKey, Tenant
+
+    fn = getattr(getattr(app.state, "serving", None), "inflight_credentials", None)
+    if not callable(fn):  # no engine in this process (SERVING_ENABLED=0)
+        return 0
+    held = set(fn())
+    if not held:
+        return 0
+    tenant_ids = sorted({t for t, _ in held})
+    keys_of: dict[str, set[str]] = {}
+    for t, k in held:
+        if k is not None:
+            keys_of.setdefault(t, set()).add(k)
+    suspended: dict[str, bool] = {}
+    live_keys: set[tuple[str, str]] = set()
+    session = session_factory()
+    try:
+        for i in range(0, len(tenant_ids), RECONCILE_CHUNK):
+            chunk = tenant_ids[i:i + RECONCILE_CHUNK]
+            suspended.update(session.execute(select(Tenant.id, Tenant.suspended).where(Tenant.id.in_(chunk))).all())
+        for t in tenant_ids:  # each tenant's own keys: a key of another tenant is not this one's
+            if suspended.get(t) is not False or t not in keys_of:
+                continue
+            ks = sorted(keys_of[t])
+            for i in range(0, len(ks), RECONCILE_CHUNK):
+                live_keys.update((t, h) for h in session.scalars(
+                    select(ApiKey.key_hash).where(ApiKey.tenant_id == t, ApiKey.key_hash.in_(ks[i:i + RECONCILE_CHUNK]),
+                                                  ApiKey.revoked_at.is_(None))))
+    finally:
+        try:
+            session.rollback()
+        finally:
+            session.close()
+    msgs: list[dict] = []
+    for t in tenant_ids:
+        if t not in suspended:
+            msgs.append({"kind": "tenant", "tenant_id": t, "deleted": True})
+        elif suspended[t]:
+            msgs.append({"kind": "tenant", "tenant_id": t, "deleted": False})
+        else:
+            msgs.extend({"kind": "key", "key_hash": k} for k in sorted(keys_of.get(t, ())) if (t, k) not in live_keys)
+    cancelled = 0
+    stops = 0
+    for msg in msgs:
+        msg = decode_obj(msg)  # as a message from the channel would be
+        if msg is not None:
+            stops += 1
+            cancelled += apply(app, msg)
+    if stops:  # counts only: never a key, nor its hash
+        log.warning("stop broadcast: reconciliation applied %d missed stop(s), cancelling %d row(s)", stops, cancelled)
+    return cancelled
+
+
 def stop(app, msg: dict) -> None:
     """Apply `msg` here, now, then tell the other replicas (when there is Redis)."""
     apply(app, msg)
@@ -168,13 +242,17 @@ def channel_for(redis_url: str) -> str:
 class StopBroadcast:
     """Publishes stop messages and, in a daemon thread, hands every valid message on `channel` to
     `on_message(msg)`. `start()` returns at once (the thread connects, and reconnects with
-    backoff); `stop()` ends the thread within about `poll_s`."""
+    backoff); `stop()` ends the thread within about `poll_s`. `on_subscribed()`, if given, runs in
+    the listener thread each time the server confirms a subscription (the first and every
+    resubscription), before the messages that follow: the replica's reconciliation."""
 
-    def __init__(self, redis_url: str, on_message, channel: str | None = None, poll_s: float = 0.25):
+    def __init__(self, redis_url: str, on_message, channel: str | None = None, poll_s: float = 0.25,
+                 on_subscribed=None):
         import redis
 
         self.channel = channel or channel_for(redis_url)
         self.on_message = on_message
+        self.on_subscribed = on_subscribed
         self.poll_s = poll_s
         self.name = f"prefixd-stops-{uuid.uuid4().hex[:8]}"  # the listener's CLIENT SETNAME
         self._url = redis_url
@@ -185,6 +263,8 @@ class StopBroadcast:
         self.subscribed = threading.Event()  # set while the listener is subscribed (for tests)
         self.received = 0  # valid messages handed on
         self.pongs = 0  # answers to the listener's PINGs
+        self.subscriptions = 0  # subscriptions confirmed (1 + reconnections)
+        self.reconciled = 0  # `on_subscribed` calls ended, failed ones too (for tests)
 
     def publish(self, msg: dict) -> bool:
         try:
@@ -245,6 +325,9 @@ class StopBroadcast:
                     continue
                 last_pong = time.monotonic()  # anything from the server: the connection works
                 if item.get("type") == "subscribe":  # the server has confirmed the subscription
+                    self.subscriptions += 1
+                    self._subscribed()
+                    last_pong = last_ping = time.monotonic()  # however long reconciling took
                     self.subscribed.set()
                 elif item.get("type") == "pong":
                     self.pongs += 1
@@ -257,6 +340,18 @@ class StopBroadcast:
                 client.close()
             except Exception:  # noqa: BLE001
                 pass
+
+    def _subscribed(self) -> None:
+        if self.on_subscribed is None:
+            return
+        try:
+            self.on_subscribed()
+        except Exception as e:  # noqa: BLE001 - e.g. the database is down: the live messages still count
+            # the type only: a database error's text carries its statement's parameters (key hashes)
+            log.warning("stop broadcast: reconciliation after subscribing failed (%s)", type(e).__name__)
+            log.debug("stop broadcast: reconciliation failure", exc_info=True)
+        finally:
+            self.reconciled += 1
 
     def _handle(self, data) -> None:
         msg = decode(data)
@@ -282,8 +377,11 @@ async def start(app) -> None:
     settings = app.state.settings
     app.state.stop_broadcast = None
     if uses_redis(settings):
+        session_factory = getattr(app.state, "session_factory", None)
+        on_subscribed = (lambda: reconcile(app, session_factory)) if session_factory is not None else None
         try:
-            app.state.stop_broadcast = StopBroadcast(settings.redis_url, lambda msg: apply(app, msg)).start()
+            app.state.stop_broadcast = StopBroadcast(settings.redis_url, lambda msg: apply(app, msg),
+                                                     on_subscribed=on_subscribed).start()
         except Exception as e:  # noqa: BLE001 - e.g. a URL redis-py cannot parse: serve, stops stay local
             log.error("stop broadcast disabled: %s", type(e).__name__)
 

@@ -321,3 +321,179 @@ def test_every_replica_evicts_a_deleted_tenants_and_a_deleted_adapters_entries(r
     finally:
         for bus in buses:
             bus.stop()
+
+
+# ----------------------------------------------------------------------------- reconciliation
+
+
+def _db(tmp_path):
+    """A real SQLite database (migrated) with its session factory."""
+    from app.store.db import init_db, make_engine, make_session_factory
+
+    engine = make_engine(f"sqlite:///{tmp_path}/stops.db")
+    init_db(engine)
+    return engine, make_session_factory(engine)
+
+
+def _tenant(sf, tenant_id: str, n_keys: int) -> list[str]:
+    """A tenant with `n_keys` live keys; returns the keys' hashes (as the engine's rows carry them)."""
+    from app.api.deps import new_api_key
+    from app.store.models import ApiKey, Tenant
+
+    hashes = [hash_key(new_api_key()) for _ in range(n_keys)]
+    with sf() as s:
+        s.add(Tenant(id=tenant_id, name=tenant_id))
+        s.flush()
+        s.add_all(ApiKey(tenant_id=tenant_id, key_hash=h) for h in hashes)
+        s.commit()
+    return hashes
+
+
+def _hold(engine, rows: list[tuple]) -> list:
+    """Queue WorkItems (tenant id, key hash) in a real, unstarted ServingEngine: rows it holds."""
+    from app.serving.scheduler import WorkItem
+
+    items = [WorkItem(t, kind="generate", key=k) for t, k in rows]
+    engine.scheduler.submit(items)
+    return items
+
+
+def test_reconcile_cancels_what_the_database_says_was_stopped(tmp_path):
+    """`reconcile` on a real engine and a real database: a revoked key, a suspended and a deleted
+    tenant get the live messages' reasons; a live key of the same tenant, a key-less row and
+    another tenant's rows keep running. Nothing held: no query at all."""
+    from datetime import datetime
+
+    from sqlalchemy import delete, update
+
+    from app.store.models import ApiKey, Tenant
+
+    db, sf = _db(tmp_path)
+    try:
+        k_revoked, k_live = _tenant(sf, "t-keys", 2)
+        (k_other,) = _tenant(sf, "t-other", 1)
+        (k_susp,) = _tenant(sf, "t-susp", 1)
+        (k_gone,) = _tenant(sf, "t-gone", 1)
+        engine = _serving_engine()
+        app = _app(engine)
+        calls = []
+        counting = lambda: calls.append(1) or sf()  # noqa: E731
+        assert sb.reconcile(app, counting) == 0 and calls == []  # nothing held: no session
+        items = _hold(engine, [("t-keys", k_revoked), ("t-keys", k_revoked), ("t-keys", k_live),
+                               ("t-keys", None), ("t-other", k_other), ("t-susp", k_susp), ("t-gone", k_gone)])
+        assert sb.reconcile(app, counting) == 0 and len(calls) == 1  # all live: nothing cancelled
+        assert not any(i.cancelled for i in items)
+        with sf() as s:
+            s.execute(update(ApiKey).where(ApiKey.key_hash == k_revoked).values(revoked_at=int(datetime.now().timestamp())))
+            s.execute(update(Tenant).where(Tenant.id == "t-susp").values(suspended=True))
+            s.execute(delete(ApiKey).where(ApiKey.tenant_id == "t-gone"))
+            s.execute(delete(Tenant).where(Tenant.id == "t-gone"))
+            s.commit()
+        assert sb.reconcile(app, sf) == 4
+        assert [i.cancel_reason for i in items] == [
+            "the API key was revoked", "the API key was revoked", None, None, None,
+            "the tenant was suspended", "the tenant was deleted"]
+        stopped = recently_stopped(app)
+        assert f"key:{k_revoked}" in stopped and "tenant:t-susp" in stopped and "tenant:t-gone" in stopped
+        assert f"key:{k_live}" not in stopped and "tenant:t-keys" not in stopped
+        assert engine.inflight_credentials() == {("t-keys", k_live), ("t-keys", None), ("t-other", k_other)}
+        assert sb.reconcile(app, sf) == 0  # again: nothing more
+        assert sb.reconcile(_app(None), sf) == 0  # no engine in this process
+    finally:
+        db.dispose()
+
+
+def test_a_key_revoked_while_the_listener_was_cut_off_is_reconciled(redis_url, tmp_path):
+    """The listener's connection is killed and held down (a gate on reconnecting) while a key is
+    revoked in the database with no message published: once it resubscribes, the key's rows are
+    cancelled, another key's rows are not."""
+    import threading
+
+    import redis
+    from sqlalchemy import update
+
+    from app.store.models import ApiKey
+
+    db, sf = _db(tmp_path)
+    admin = redis.Redis.from_url(redis_url)
+    engine = _serving_engine()
+    app = _app(engine)
+    k_revoked, k_kept = _tenant(sf, "t-one", 2)
+    (k_other,) = _tenant(sf, "t-two", 1)
+    items = _hold(engine, [("t-one", k_revoked), ("t-one", k_kept), ("t-two", k_other), ("t-one", k_revoked)])
+    bus = sb.StopBroadcast(redis_url, lambda msg: sb.apply(app, msg), channel=_channel(),
+                           on_subscribed=lambda: sb.reconcile(app, sf))
+    gate = threading.Event()
+    listen = bus._listen
+
+    def gated_listen():  # the reconnection waits for the end of the "outage"
+        if bus.subscriptions:
+            gate.wait(60)
+        return listen()
+
+    bus._listen = gated_listen
+    bus.start()
+    try:
+        assert bus.subscribed.wait(20) and bus.reconciled == 1
+        assert not any(i.cancelled for i in items)
+        ids = [c["id"] for c in admin.client_list() if c.get("name") == bus.name]
+        assert len(ids) == 1
+        admin.client_kill_filter(_id=ids[0])
+        assert _wait(lambda: not bus.subscribed.is_set()), "the listener did not notice the kill"
+        with sf() as s:  # revoked during the outage; nobody publishes (or the message is lost)
+            s.execute(update(ApiKey).where(ApiKey.key_hash == k_revoked).values(revoked_at=1))
+            s.commit()
+        assert not any(i.cancelled for i in items)
+        gate.set()
+        assert _wait(lambda: bus.subscribed.is_set() and bus.reconciled == 2), (bus.subscriptions, bus.reconciled)
+        assert [i.cancel_reason for i in items] == ["the API key was revoked", None, None, "the API key was revoked"]
+        assert f"key:{k_revoked}" in recently_stopped(app)
+    finally:
+        gate.set()
+        bus.stop()
+        admin.close()
+        db.dispose()
+    assert not bus._thread.is_alive()
+
+
+def test_a_failing_reconciliation_does_not_end_the_listener(redis_url):
+    def broken():
+        raise RuntimeError("database down")
+
+    got: list[dict] = []
+    bus = sb.StopBroadcast(redis_url, got.append, channel=_channel(), on_subscribed=broken).start()
+    try:
+        assert bus.subscribed.wait(20) and bus.reconciled == 1
+        msg = {"kind": "key", "key_hash": KEY_HASH}
+        assert bus.publish(msg)
+        assert _wait(lambda: got == [msg]), got
+        assert bus._thread.is_alive()
+    finally:
+        bus.stop()
+
+
+def test_start_wires_the_reconciliation_to_the_apps_session_factory(redis_url, tmp_path):
+    import asyncio
+
+    db, sf = _db(tmp_path)
+    engine = _serving_engine()
+    app = _app(engine)
+    app.state.settings = Settings(redis_url=redis_url)
+    app.state.session_factory = sf
+    (k,) = _tenant(sf, "t-wired", 1)
+    with sf() as s:  # revoked before this replica ever subscribed
+        from sqlalchemy import update
+
+        from app.store.models import ApiKey
+
+        s.execute(update(ApiKey).where(ApiKey.key_hash == k).values(revoked_at=1))
+        s.commit()
+    (item,) = _hold(engine, [("t-wired", k)])
+    asyncio.run(sb.start(app))
+    bus = app.state.stop_broadcast
+    try:
+        assert bus is not None and bus.subscribed.wait(20) and bus.reconciled == 1
+        assert item.cancel_reason == "the API key was revoked"
+    finally:
+        asyncio.run(sb.shutdown(app))
+        db.dispose()

@@ -386,6 +386,13 @@ class ServingEngine:
                 n += 1
         return n
 
+    def inflight_credentials(self) -> set[tuple[str, str | None]]:
+        """(tenant id, key hash or None) of every queued or running row not yet cancelled: what
+        app/stop_broadcast.py checks against the database after its listener was cut off. Safe
+        from any thread (a snapshot, as `cancel_matching` takes)."""
+        return {(item.tenant_id, item.key) for item in self.running_items() + self.scheduler.queued_items()
+                if not item.cancelled}
+
     def cancel_tenant(self, tenant_id: str, reason: str = "the tenant was suspended") -> int:
         return self.cancel_matching(tenant_id=tenant_id, reason=reason)
 
