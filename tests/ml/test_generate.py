@@ -173,6 +173,26 @@ def test_incremental_detokenizer_multibyte(bases):
     assert "".join(deltas) == "héllo 世界 🙂 ok"  # and no special-token text
 
 
+def test_detokenizer_uses_the_rust_decode_only_where_it_is_the_same(bases):
+    """The fast path (the `tokenizers` backend's decode) is taken for transformers' own fast
+    tokenizers; a tokenizer whose Python `decode` differs keeps going through it."""
+    from app.ml.generate import _backend_decoder
+
+    tok = bases["llama"].tokenizer
+    assert _backend_decoder(tok) is not None
+    ids = tok.encode("héllo 世界 🙂 ok")
+    detok = IncrementalDetokenizer(tok)
+    assert "".join([detok.step(i) for i in ids] + [detok.flush()]) == tok.decode(ids, skip_special_tokens=True)
+
+    class Shouting:  # not a transformers tokenizer: its own decode must be used
+        def decode(self, ids, **kw):
+            return tok.decode(ids, **kw).upper()
+
+    assert _backend_decoder(Shouting()) is None
+    detok = IncrementalDetokenizer(Shouting())
+    assert "".join([detok.step(i) for i in ids] + [detok.flush()]) == "HÉLLO 世界 🙂 OK"
+
+
 class _ForceEos(torch.nn.Module):
     """Wraps a model: from its `after`-th forward on, EOS wins; records batch sizes."""
 
