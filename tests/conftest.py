@@ -42,13 +42,15 @@ def _tiny_config(arch: str, vocab_size: int, eos: int):
     raise ValueError(arch)
 
 
-def build_tiny_base(arch: str, out_dir, seed: int = 0):
+def build_tiny_base(arch: str, out_dir, seed: int = 0, **config_overrides):
     from transformers import AutoModelForCausalLM
 
     random.seed(seed)
     torch.manual_seed(seed)
     tok = _tiny_tokenizer()
     cfg = _tiny_config(arch, len(tok), tok.eos_token_id)
+    for name, value in config_overrides.items():
+        setattr(cfg, name, value)
     model = AutoModelForCausalLM.from_config(cfg)
     model.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
@@ -73,20 +75,10 @@ def build_learnable_base(out_dir, seed: int = 0):
     embedding leaves logit gaps of about 1, so no prefix makes one label clearly win). Still random:
     whatever it answers after prefix tuning, the prefix taught it. Measured with the engine's
     default prefix settings on the word -> label task of tests/integration/test_learning_flow.py:
-    98-100% exact match on unseen prompts in ~1000 steps (6-9 s on one core), 0% without a prefix;
+    98-100% exact match on unseen prompts in ~1000 steps (6-9 s on one core; the defaults now run
+    ~2000), 0% without a prefix;
     the same defaults reached 25% on the GPT-2 above (one label for all) and 17% on it at std 0.1."""
-    from transformers import AutoModelForCausalLM
-
-    random.seed(seed)
-    torch.manual_seed(seed)
-    tok = _tiny_tokenizer()
-    cfg = _tiny_config("llama", len(tok), tok.eos_token_id)
-    cfg.num_key_value_heads = cfg.num_attention_heads
-    cfg.initializer_range = 0.1
-    model = AutoModelForCausalLM.from_config(cfg)
-    model.save_pretrained(out_dir)
-    tok.save_pretrained(out_dir)
-    return out_dir
+    return build_tiny_base("llama", out_dir, seed, num_key_value_heads=4, initializer_range=0.1)  # 4 = its heads
 
 
 @pytest.fixture(scope="session")
