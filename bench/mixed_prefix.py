@@ -138,10 +138,11 @@ def main(argv: list[str] | None = None) -> dict:
     modes = {"mixed": mixed, "shared": shared, "one_at_a_time": one_at_a_time}
     best = {name: float("inf") for name in modes}
     tokens = {}
-    for name, fn in modes.items():  # warm-up
-        fn()
     for r in range(repeats):
         for name, fn in modes.items():  # interleaved, so drift on shared CPUs hits all modes alike
+            # ... each timed run right after an untimed one of its own: whichever batched mode
+            # followed 512 single-row forwards ran 5-10% slower (caches, OpenMP threads gone idle)
+            fn()
             t0 = time.perf_counter()
             res = fn()
             best[name] = min(best[name], time.perf_counter() - t0)

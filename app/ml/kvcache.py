@@ -18,6 +18,7 @@ Two cache flavours:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from transformers import DynamicCache
@@ -109,7 +110,9 @@ def positions_from_mask(full_mask: torch.Tensor, num_tokens: int) -> torch.Tenso
 
 
 def _with_capacity(current: torch.Tensor | None, like: torch.Tensor, capacity: int) -> torch.Tensor:
-    buf = like.new_zeros((*like.shape[:2], capacity, like.shape[3]))
+    # Uninitialised: slots past T are never read (the layer exposes views of the first T), and
+    # zero-filling a 32-row buffer cost more than a decode step's vocabulary projection.
+    buf = like.new_empty((*like.shape[:2], capacity, like.shape[3]))
     if current is not None:
         buf[:, :, : current.shape[2]] = current
     return buf
@@ -124,10 +127,11 @@ class GrowingLayer(DynamicLayer):
     fresh buffers: one copy per change of rows instead of one per token.
     """
 
-    def __init__(self):
+    def __init__(self, reserve: int = 0):
         super().__init__()
         self._key_buffer: torch.Tensor | None = None
         self._value_buffer: torch.Tensor | None = None
+        self.reserve = reserve  # slots the first buffer is sized for (the prompt that follows the prefix)
 
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
@@ -142,7 +146,8 @@ class GrowingLayer(DynamicLayer):
             or (T > 0 and (self.keys.data_ptr() != buf.data_ptr() or self.keys.shape != (*buf.shape[:2], T, buf.shape[3])))
         )
         if adopt:
-            capacity = T + n + max(64, (T + n) // 2)  # geometric growth: O(1) amortised copies per token
+            needed = max(T + n, self.reserve if buf is None else 0)
+            capacity = needed + max(64, needed // 2)  # geometric growth: O(1) amortised copies per token
             self._key_buffer = _with_capacity(self.keys if T else None, key_states, capacity)
             self._value_buffer = _with_capacity(self.values if T else None, value_states, capacity)
         self._key_buffer[:, :, T : T + n] = key_states
@@ -153,11 +158,14 @@ class GrowingLayer(DynamicLayer):
 
 
 class GenerationCache(DynamicCache):
-    """The decoding cache: `GrowingLayer`s, pre-filled with the batch's prefixes if any."""
+    """The decoding cache: `GrowingLayer`s, pre-filled with the batch's prefixes if any.
 
-    def __init__(self, batch_kv: KV | None = None):
+    `reserve`: the slots that prefix and prompt will take. The first buffers are sized from it, so
+    that a prefill after the prefix and the first decode steps write into them without a copy."""
+
+    def __init__(self, batch_kv: KV | None = None, reserve: int = 0):
         super().__init__()
-        self.layer_class_to_replicate = GrowingLayer
+        self.layer_class_to_replicate = partial(GrowingLayer, reserve)
         for i, (k, v) in enumerate(batch_kv or []):
             self.update(k, v, i)
 

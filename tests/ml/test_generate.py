@@ -13,6 +13,7 @@ from app.ml.generate import (
     IncrementalDetokenizer,
     classify,
     generate,
+    greedy_tokens,
     max_context,
     partial_stop_len,
     score,
@@ -134,6 +135,14 @@ def test_top_k_1_and_tiny_top_p_are_greedy(bases):
     p0 = generate(base, _requests(base, max_tokens=5, temperature=1.5, top_p=1e-6, seed=3))
     assert [r.token_ids for r in k1] == greedy
     assert [r.token_ids for r in p0] == greedy
+
+
+def test_greedy_tokens_is_argmax_with_its_tie_rule():
+    logits = torch.randn(64, 512, generator=torch.Generator().manual_seed(0))
+    logits[:32, 300] = logits[:32, 7] = 100.0  # ties: the first index wins, as with argmax
+    assert torch.equal(greedy_tokens(logits), logits.argmax(-1))
+    assert greedy_tokens(logits)[:32].eq(7).all()
+    assert int(greedy_tokens(logits[40])) == int(logits[40].argmax())
 
 
 def test_stop_string_cuts_text_and_stream_matches(bases):

@@ -51,3 +51,27 @@ def test_generation_cache_prefills_prefixes():
     assert cache.get_seq_length() == 3
     k, _ = cache.update(*_kv(2, 1, 9), 0)
     assert torch.equal(k[:, :, :3], kv[0][0]) and k.shape[2] == 4
+
+
+def test_reserve_sizes_the_first_buffer_for_the_prompt_after_the_prefix():
+    """With `reserve` = prefix + prompt slots, the prompt and the first 64 decode steps write into
+    the buffer the prefix went into: no copy of the whole cache during a short generation."""
+    prefix, prompt = 16, 52
+    kv = [_kv(4, prefix, layer) for layer in range(2)]
+    cache = GenerationCache(kv, reserve=prefix + prompt)
+    buffers = [layer._key_buffer for layer in cache.layers]
+    for layer in range(2):
+        k, _ = cache.update(*_kv(4, prompt, 10 + layer), layer)
+        assert torch.equal(k[:, :, :prefix], kv[layer][0])
+    for step in range(64):
+        for layer in range(2):
+            cache.update(*_kv(4, 1, 100 + step), layer)
+    assert [layer._key_buffer for layer in cache.layers] == buffers
+    assert cache.get_seq_length() == prefix + prompt + 64
+    # without the reserve, the prefix's buffer is too small for this prompt plus 64 tokens
+    plain = GenerationCache(kv)
+    first = plain.layers[0]._key_buffer
+    plain.update(*_kv(4, prompt, 10), 0)
+    for step in range(64):
+        plain.update(*_kv(4, 1, 100 + step), 0)
+    assert plain.layers[0]._key_buffer is not first
