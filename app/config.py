@@ -7,10 +7,12 @@ REDIS_URL or S3_BUCKET switches the same code to distributed mode.
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -36,6 +38,13 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     torch_threads: int = 1  # per process: the API and the worker share the cores
+    # where the workers train and the API serves: auto (the first CUDA device torch sees, else
+    # the CPU), cpu, cuda or cuda:N. One worker process per GPU: CUDA_VISIBLE_DEVICES=<i>, -c 1.
+    device: str = "auto"
+    # the dtype the API serves the base in: auto is bfloat16 on a GPU (float16 where bfloat16 is
+    # unsupported) and the stored float32 on the CPU. Training keeps float32 weights either way,
+    # with bfloat16 autocast on CUDA.
+    serving_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
     # serving
     serving_enabled: bool = True  # SERVING_ENABLED=0: an API process that loads no model (tests, admin-only)
@@ -78,6 +87,15 @@ class Settings(BaseSettings):
     max_running_jobs_per_tenant: int = 2
     # seconds between the periodic checks (stale heartbeats, jobs waiting for file validation)
     job_monitor_interval_s: float = 2.0
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, v: str) -> str:
+        # the syntax only: whether this machine has the device is checked where a model is loaded
+        v = v.strip().lower()
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", v):
+            raise ValueError(f"DEVICE={v!r} is not one of auto, cpu, cuda, cuda:N")
+        return v
 
     @property
     def resolved_database_url(self) -> str:

@@ -12,6 +12,7 @@ import time
 import uuid
 
 import pytest
+import torch
 from sqlalchemy import select
 
 from app.config import Settings
@@ -503,3 +504,14 @@ def test_dead_worker_base_job_resumes_from_checkpoint(env, monkeypatch):
         # the resumed job trained exactly the weights of the uninterrupted one (tokenizer included)
         assert s.get(ModelRecord, j.fine_tuned_model).fingerprint == ref.fingerprint
     assert env.blobs.list(prefix) == []  # checkpoint blobs go when the job ends
+
+
+def test_a_worker_without_its_device_fails_jobs_with_the_reason(monkeypatch):
+    from app.config import Settings
+    from app.jobs.runner import JobFailure, job_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert job_device(Settings()) == torch.device("cpu")
+    with pytest.raises(JobFailure) as e:
+        job_device(Settings(device="cuda:0"))
+    assert e.value.code == "device_unavailable" and "no CUDA device" in e.value.message and "DEVICE" in e.value.message

@@ -328,13 +328,25 @@ def materialize(run: JobRun, record: ModelRecord) -> Path:
     return target
 
 
-def load_base_cached(path: Path, record: ModelRecord):
-    key = f"{path}:{record.fingerprint}"
+def job_device(settings):
+    """The torch device jobs run on (DEVICE). A worker configured for a device its machine lacks
+    fails each job with that reason, instead of training on the CPU unnoticed."""
+    from app.ml.base import resolve_device
+
+    try:
+        return resolve_device(settings.device)
+    except ValueError as e:
+        raise JobFailure("device_unavailable", f"The worker cannot run this job: {e}. Its operator must set "
+                         "DEVICE to a device that machine has (auto, cpu, cuda or cuda:N).") from None
+
+
+def load_base_cached(path: Path, record: ModelRecord, device="cpu"):
+    key = f"{path}:{record.fingerprint}:{device}"
     if key not in _BASE_CACHE:
         from app.ml.base import load_base
 
         _BASE_CACHE.clear()
-        _BASE_CACHE[key] = load_base(str(path))
+        _BASE_CACHE[key] = load_base(str(path), device=device)
     return _BASE_CACHE[key]
 
 
@@ -344,7 +356,7 @@ def _get_base(run: JobRun, model_id: str):
         if record is None or record.tenant_id not in (None, run.tenant_id):
             raise JobFailure("model_not_found", f"The base model '{model_id}' no longer exists", "model")
         s.expunge(record)
-    return record, load_base_cached(materialize(run, record), record)
+    return record, load_base_cached(materialize(run, record), record, job_device(run.settings))
 
 
 def _read_file(run: JobRun, file_id: str) -> tuple[File, bytes]:
@@ -598,7 +610,8 @@ def run_base_job(run: JobRun) -> str:
     # count (it depends on the tokenized corpus), at least one every 200 steps
     result = train_base(str(out_dir), texts, valid_texts, init_from=str(init_dir) if init_dir else None,
                         architecture=arch, size=size, config=cfg, seed=job.seed, callbacks=callbacks,
-                        corpus_name=f.filename, checkpoint_dir=str(ckpt_dir), checkpoint_every=None)
+                        corpus_name=f.filename, checkpoint_dir=str(ckpt_dir), checkpoint_every=None,
+                        device=job_device(run.settings))
     if run.lost.is_set():
         raise LostJob()
     trained = int(result.metrics.get("trained_tokens") or 0) or None

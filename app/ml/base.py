@@ -2,6 +2,8 @@
 
 - `load_base(path)` loads a Hugging Face causal-LM directory (GPT-2, Llama, Qwen2, ...) frozen and in
   eval mode, with a left-padding tokenizer whose pad token is set, and its fingerprint.
+  `resolve_device` and `resolve_serving_dtype` turn the service's device and dtype settings into
+  torch's, with a clear error for a device the machine lacks.
 - `compute_fingerprint(model)` hashes the canonical config and every weight. Adapters record it, so
   a prefix is never applied to a base it was not trained on.
 - `train_base(...)` is full-parameter causal-LM training, from scratch (it trains the byte-level BPE
@@ -67,6 +69,48 @@ def prepare_tokenizer(tokenizer):
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     return tokenizer
+
+
+SERVING_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """A device setting as a torch device: "auto" is the first CUDA device when torch sees one,
+    else the CPU; "cpu", "cuda" and "cuda:N" are taken as given. Raises ValueError, naming the
+    setting, for anything else and for a CUDA device this machine lacks (rather than failing at
+    the first tensor moved there)."""
+    name = (name or "auto").strip().lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {name!r} is not one of auto, cpu, cuda, cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r}: torch sees no CUDA device on this machine "
+                             f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'none'})")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def resolve_serving_dtype(name: str, device: torch.device) -> torch.dtype | None:
+    """The dtype to serve in (None: as stored, float32 for bases built here). "auto" is bfloat16
+    on a GPU that supports it (float16 on older ones) and the stored dtype on the CPU: bfloat16
+    matmuls are fast only on CPUs with AMX, and CPU results then match training's float32."""
+    name = (name or "auto").strip().lower()
+    if name == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if name not in SERVING_DTYPES:
+        raise ValueError(f"serving dtype {name!r} is not one of auto, {', '.join(SERVING_DTYPES)}")
+    if name == "float16" and device.type == "cpu":
+        raise ValueError("serving dtype float16 needs a GPU: use float32 or bfloat16 on the CPU")
+    return SERVING_DTYPES[name]
 
 
 def load_base(path: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Base:

@@ -153,6 +153,15 @@ RESERVE = 8
 JOIN_GROUP = 4
 
 
+def load_served_base(settings, path: str):
+    """The base at `path` on the configured device (DEVICE) in the serving dtype (SERVING_DTYPE).
+    A device this machine lacks raises ValueError naming it, which /readyz then reports."""
+    from app.ml.base import load_base, resolve_device, resolve_serving_dtype
+
+    device = resolve_device(settings.device)
+    return load_base(str(path), device=device, dtype=resolve_serving_dtype(settings.serving_dtype, device))
+
+
 class ServingEngine:
     def __init__(
         self,
@@ -279,11 +288,7 @@ class ServingEngine:
 
     def switch_base(self, base_id: str, path: str) -> ServedBase:
         """Load the base at `path` (blocking, in the caller's thread) and serve it."""
-        loader = self._base_loader
-        if loader is None:
-            from app.ml.base import load_base
-
-            loader = load_base
+        loader = self._base_loader or (lambda p: load_served_base(self.settings, p))
         served = self._served
         if served is not None and served.id == base_id and served.path and str(served.path) == str(path):
             return served

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from app.serving.engine import ServingEngine
+from app.serving.engine import ServingEngine, load_served_base
 
 log = logging.getLogger("prefixd.serving")
 
@@ -35,13 +35,12 @@ def startup_loader(settings, session_factory, blobs):
 
     def load():
         from app.bases import _complete_local, ensure_default_base, served_base_dir
-        from app.ml.base import load_base
 
         _slug, path = served_base_dir(settings)
         if not _complete_local(path):  # first start: build (or fetch) the default base
             with session_factory() as session:
                 ensure_default_base(settings, session, blobs)
-        base = load_base(str(path))
+        base = load_served_base(settings, path)
         with session_factory() as session:
             record = ensure_default_base(settings, session, blobs, fingerprint=base.fingerprint)
             base_id = record.id

@@ -401,3 +401,32 @@ def test_default_build_discards_checkpoints_of_another_build(tmp_path, small_def
     assert r.steps == 2 and r.meta["resumed_from_step"] is None
     assert not ckpt.exists() or _steps(ckpt) == []  # the other build's checkpoints are gone
     assert r.fingerprint == build_default_base(str(tmp_path / "plain"), config=other).fingerprint
+
+
+def test_device_and_serving_dtype_settings(monkeypatch):
+    from app.ml.base import resolve_device, resolve_serving_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu") and resolve_device(" CPU ") == torch.device("cpu")
+    with pytest.raises(ValueError, match="no CUDA device"):
+        resolve_device("cuda")
+    with pytest.raises(ValueError, match="not one of"):
+        resolve_device("tpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("auto") == torch.device("cuda") and resolve_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(ValueError, match="has 2 CUDA device"):
+        resolve_device("cuda:2")
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert resolve_serving_dtype("auto", cpu) is None  # as stored: CPU serving matches float32 training
+    assert resolve_serving_dtype("bfloat16", cpu) is torch.bfloat16
+    with pytest.raises(ValueError, match="needs a GPU"):
+        resolve_serving_dtype("float16", cpu)
+    with pytest.raises(ValueError, match="not one of"):
+        resolve_serving_dtype("int8", cpu)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_serving_dtype("auto", gpu) is torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert resolve_serving_dtype("auto", gpu) is torch.float16 and resolve_serving_dtype("float32", gpu) is torch.float32
+

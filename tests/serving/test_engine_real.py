@@ -11,7 +11,7 @@ from app.ml.adapter import Adapter, adapter_to_bytes, adapter_from_bytes
 from app.ml.base import load_base
 from app.ml.generate import DecodeBatch, GenerationRequest, generate
 from app.ml.prefix import PrefixConfig
-from app.serving.engine import ServingEngine
+from app.serving.engine import ServingEngine, load_served_base
 
 
 def random_adapter(base, P, seed):
@@ -139,3 +139,33 @@ def test_a_row_that_cannot_run_fails_alone(base):
     assert adds[0] == (0, 3)  # tried together first
     assert r0[0].token_ids == generate(base, [good[0]])[0].token_ids
     assert r1[0].token_ids == generate(base, [good[1]])[0].token_ids
+
+
+def test_serving_dtype_and_device_settings(base, tiny_base_dirs):
+    """SERVING_DTYPE=bfloat16 serves the same base (same fingerprint) in bfloat16, adapters
+    converted on load; DEVICE naming a GPU this machine lacks is reported, not served on the CPU."""
+    blobs = {"a1": adapter_to_bytes(random_adapter(base, 4, 1))}
+    engine = ServingEngine(Settings(serving_dtype="bfloat16", device="cpu"),
+                           adapter_loader=lambda key: adapter_from_bytes(blobs[key]))
+    served = engine.switch_base("tiny", tiny_base_dirs["llama"])
+    assert served.base.model.dtype == torch.bfloat16 and served.fingerprint == base.fingerprint
+    prefix = engine.prefix_for("m1", "a1").key_values
+    assert prefix[0][0].dtype == torch.bfloat16
+    engine.start()
+    req = GenerationRequest(prompt_ids=base.tokenizer("name: Aromi | food:")["input_ids"], prefix=prefix,
+                            max_tokens=5, temperature=0, ignore_eos=True)
+
+    async def main():
+        return await engine.submit_generation("t", [req]).results()
+
+    res = asyncio.run(main())[0]
+    engine.stop()
+    assert len(res.token_ids) == 5 and res.token_ids == generate(served.base, [req])[0].token_ids
+
+    if not torch.cuda.is_available():
+        gpu = ServingEngine(Settings(device="cuda"))
+        with pytest.raises(ValueError, match="no CUDA device"):
+            gpu.switch_base("tiny", tiny_base_dirs["llama"])
+        gpu.start(lambda: ("tiny", load_served_base(Settings(device="cuda:1"), tiny_base_dirs["llama"])))
+        assert not gpu.wait_ready(10) and "no CUDA device" in gpu.error
+        gpu.stop()
