@@ -642,6 +642,8 @@ def train_prefix(
             "total_steps": total_steps,
             "tokens_per_s": run_tokens / elapsed if elapsed > 0 else 0.0,
             "elapsed_s": elapsed,
+            "device": device.type,
+            "mixed_precision": amp,
         }
     folded_cfg = PrefixConfig(**{**encoder.config.to_dict(), "prefix_projection": False})
     adapter = _wrap(table, folded_cfg, base_fp, config, metrics)

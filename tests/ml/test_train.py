@@ -356,6 +356,8 @@ def test_bf16_autocast_path_runs(gpt2):
     # what CUDA uses by default; CPU autocast exercises the same code (prefix stays fp32)
     r = train_prefix(gpt2, SMALL[:8], None, cfg(n_epochs=1, mixed_precision="bf16"))
     assert r.steps == 2 and r.table.dtype == torch.float32 and torch.isfinite(r.table).all()
+    assert r.metrics["mixed_precision"] == "bf16" and r.metrics["device"] == "cpu"
+    assert train_prefix(gpt2, SMALL[:8], None, cfg(n_epochs=1)).metrics["mixed_precision"] == "no"  # auto on CPU
 
 
 def test_all_defaults_learn_word_to_label(learnable_base):
