@@ -13,12 +13,15 @@ shapes, so the same compute per token); without app.ml.base, a ~4M-parameter GPT
 weights. The JSON says which. Every request generates exactly `--new-tokens` tokens (ignore_eos),
 so the three modes do the same work.
 
-Measured on the 4-KV-head default base (3.34M parameters, E2E prompts of 43.5 tokens on average):
-quiet 2-core machine, torch's 2 threads: mixed_vs_shared 0.99, mixed_vs_one_at_a_time 9.91
-(10.2-10.6 under load, which hurts the one-at-a-time side more); --threads 1: 6.9. Both sides are compute bound: a 32-row decode
-step is ~8 ms of matmuls (the vocabulary projection alone ~3), and the prefill of 32 prompts ~100 ms,
-against ~4 ms of per-forward overhead for a single row. With --max-prompt-tokens 12 the prefill
-shrinks and the ratio grows (18 on the session-1 base).
+Measured on the 4-KV-head default base (3.34M parameters, E2E prompts of 43.5 tokens on average),
+torch's 2 threads, 2-core machine of 2026-11-30 (its speed drifts by 10-15% over minutes; each run
+takes its own ratio side by side): mixed_vs_shared 0.93-1.04, mixed_vs_one_at_a_time 9.3-10.6 (mixed
+0.135-0.168 s, one at a time 1.40-1.57 s). Both sides are compute bound: a 32-row decode step is ~6 ms
+(the vocabulary projection ~0.6, attention ~0.7, the per-forward overhead of one row ~2.5), and the
+prefill of 32 prompts (1,664 slots, 16% of them padding) ~45 ms, against ~2.5 ms per forward of a
+single row. --dtype bfloat16 (AMX): mixed 0.127 s, but one at a time slows to 2.2 s (17.4; the
+single-row forwards are overhead bound and pay the conversions). With --max-prompt-tokens 12 the
+prefill shrinks and the ratio grows (18 on the session-1 base).
 """
 
 from __future__ import annotations
@@ -37,24 +40,24 @@ from bench.common import REPO, emit, limit_mrs, load_e2e, log
 CACHE_DIR = Path(os.environ.get("BENCH_DIR", REPO / "var" / "bench"))
 
 
-def _load_or_build_base(quick: bool):
-    """(base, description)."""
+def _load_or_build_base(quick: bool, dtype: torch.dtype | None = None):
+    """(base, description), in `dtype` (None: as stored, float32)."""
     try:
         from app.ml.base import BaseTrainingConfig, build_default_base, load_base
     except ImportError:
         return _random_gpt2(), "gpt2-4M-random-weights (app.ml.base missing)"
     trained = CACHE_DIR / "default"
     if (trained / "config.json").exists():
-        return load_base(str(trained)), "default"
+        return load_base(str(trained), dtype=dtype), "default"
     if not quick:
         log(f"building the default base into {trained} (a few minutes, once)")
         build_default_base(str(trained), seed=0)
-        return load_base(str(trained)), "default"
+        return load_base(str(trained), dtype=dtype), "default"
     untrained = CACHE_DIR / "default-untrained"
     if not (untrained / "config.json").exists():
         log(f"--quick: default preset, untrained, into {untrained}")
         build_default_base(str(untrained), seed=0, config=BaseTrainingConfig(steps=0))
-    return load_base(str(untrained)), "default-preset-untrained (--quick, no cached default build)"
+    return load_base(str(untrained), dtype=dtype), "default-preset-untrained (--quick, no cached default build)"
 
 
 def _random_gpt2():
@@ -99,13 +102,15 @@ def main(argv: list[str] | None = None) -> dict:
     # On a CPU shared with other jobs, OpenMP threads spin against each other: measured 8x slower
     # per forward with 2 threads than with 1 on an overloaded 2-core box. Pin threads for stable ratios.
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    # SERVING_DTYPE=bfloat16 on the CPU: bfloat16 matmuls run on AMX tiles where the CPU has them
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="the dtype served in")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     repeats = args.repeats or (2 if args.quick else 5)
     B, P, N = args.batch, args.prefix_len, args.new_tokens
 
-    base, base_desc = _load_or_build_base(args.quick)
+    base, base_desc = _load_or_build_base(args.quick, getattr(torch, args.dtype))
     dtype = next(base.model.parameters()).dtype
     mrs = [mr for mr, _ in limit_mrs(load_e2e(), B)]
     mrs = list(dict.fromkeys(mrs))[:B]
@@ -155,6 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
         "base": base_desc,
         "parameters": params,
         "device": str(base.device),
+        "dtype": args.dtype,
         "threads": torch.get_num_threads(),
         "batch": B,
         "prefix_len": P,
