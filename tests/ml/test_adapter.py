@@ -18,6 +18,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from app.ml.base import load_base
 from app.ml.adapter import (
     META_FILE,
     PEFT_CONFIG_FILE,
@@ -40,7 +41,7 @@ from app.ml.adapter import (
     save_adapter,
     serialize_adapter,
 )
-from app.ml.kvcache import FrozenPrefixCache, ModelGeometry, batch_prefixes, positions_from_mask
+from app.ml.kvcache import FrozenPrefixCache, batch_prefixes, positions_from_mask
 from app.ml.prefix import PrefixConfig, PrefixEncoder
 from safetensors.torch import save as st_save
 
@@ -56,23 +57,9 @@ pytestmark = [
 PROMPT = [[5, 6, 7, 8, 9, 10, 11]]
 
 
-def _load_base(path):
-    """`app.ml.base.load_base` once it exists; until then a stand-in with the same attributes."""
-    try:
-        from app.ml.base import load_base
-    except ImportError:
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True).eval()
-        digest = hashlib.sha256(model.config.to_json_string().encode() + str(path).encode()).hexdigest()
-        return SimpleNamespace(
-            model=model, tokenizer=None, fingerprint=f"standin-{digest[:16]}",
-            geometry=ModelGeometry.of(model.config), path=str(path), device="cpu",
-        )
-    return load_base(path)
-
-
 @pytest.fixture(scope="module")
 def bases(tiny_base_dirs):
-    return {arch: _load_base(path) for arch, path in tiny_base_dirs.items()}
+    return {arch: load_base(path) for arch, path in tiny_base_dirs.items()}
 
 
 def _fresh_model(path):

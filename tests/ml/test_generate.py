@@ -6,8 +6,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from app.ml.base import load_base
 from app.ml.generate import (
     GenerationRequest,
     IncrementalDetokenizer,
@@ -18,7 +18,7 @@ from app.ml.generate import (
     partial_stop_len,
     score,
 )
-from app.ml.kvcache import FrozenPrefixCache, ModelGeometry, positions_from_mask
+from app.ml.kvcache import FrozenPrefixCache, positions_from_mask
 from app.ml.prefix import PrefixConfig, PrefixEncoder
 
 PROMPTS = [
@@ -27,20 +27,6 @@ PROMPTS = [
     [100, 3, 77, 9],
     [12],
 ]
-
-
-def _load(path):
-    try:  # the real loader, once app/ml/base.py exists
-        from app.ml.base import load_base
-
-        return load_base(path)
-    except ImportError:
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True).eval()
-        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        return SimpleNamespace(
-            model=model, tokenizer=tok, geometry=ModelGeometry.of(model.config), device=torch.device("cpu"),
-            fingerprint="test", path=path,
-        )
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -55,7 +41,7 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def bases(tiny_base_dirs):
-    return {arch: _load(path) for arch, path in tiny_base_dirs.items()}
+    return {arch: load_base(path) for arch, path in tiny_base_dirs.items()}
 
 
 def _prefix(base, P, seed, scale=8.0):

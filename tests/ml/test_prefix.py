@@ -2,7 +2,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from app.ml.kvcache import FrozenPrefixCache, ModelGeometry, batch_prefixes, positions_from_mask
-from app.ml.prefix import PrefixConfig, PrefixEncoder, key_values_to_table, table_to_key_values
+from app.ml.prefix import PrefixConfig, PrefixEncoder, key_values_to_table
 
 
 def test_table_layout_roundtrip_and_peft_order():

@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from app.ml.base import load_base
 from app.ml.callbacks import TrainingCallbacks
 from app.ml.data import Example, encode_prompt
 from app.ml.kvcache import FrozenPrefixCache, ModelGeometry, batch_prefixes, positions_from_mask
@@ -34,26 +35,14 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def load(path):
-    try:
-        from app.ml.base import load_base
-    except ImportError:  # base.py is written separately; a shim with the fields train_prefix uses
-        from transformers import AutoTokenizer
-
-        m = AutoModelForCausalLM.from_pretrained(path, local_files_only=True).eval().requires_grad_(False)
-        return types.SimpleNamespace(model=m, tokenizer=AutoTokenizer.from_pretrained(path), path=path,
-                                     fingerprint="test", geometry=ModelGeometry.of(m.config), device="cpu")
-    return load_base(path)
-
-
 @pytest.fixture(scope="module")
 def gpt2(tiny_base_dirs):
-    return load(tiny_base_dirs["gpt2"])
+    return load_base(tiny_base_dirs["gpt2"])
 
 
 @pytest.fixture(scope="module")
 def llama(tiny_base_dirs):
-    return load(tiny_base_dirs["llama"])
+    return load_base(tiny_base_dirs["llama"])
 
 
 LABELS = {"pizza": " food", "noodles": " food", "coffee": " city", "tea": " city",
@@ -322,7 +311,7 @@ def test_adapter_init_copies_and_fits_length(gpt2):
 def test_early_stopping_returns_the_best_prefix(gpt2):
     # validation text the training labels compete with: its loss soon rises as training goes on
     other = [Example(e.prompt, " the quick brown fox jumps over") for e in SMALL[:8]]
-    evals, tables = [], {}
+    evals = []
 
     class CB(TrainingCallbacks):
         def on_eval(self, step, metrics):
