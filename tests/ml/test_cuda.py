@@ -7,20 +7,31 @@ from __future__ import annotations
 import pytest
 import torch
 
-from app.ml.adapter import Adapter
 from app.ml.base import load_base, resolve_device, resolve_serving_dtype
-from app.ml.evaluate import evaluate
+from app.ml.data import encode_prompt
 from app.ml.generate import GenerationRequest, generate
+from app.ml.prefix import table_to_key_values
 from app.ml.train import PrefixTrainingConfig, train_prefix
 from tests.ml.test_generate import PROMPTS, _prefix
-from tests.ml.test_train import FILL, task
+from tests.ml.test_train import FILL, make_learnable_base, task
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-def test_prefix_training_on_cuda_learns_in_bf16_autocast_and_leaves_the_base_as_it_was(learnable_base_dir):
-    base = load_base(learnable_base_dir, device=resolve_device("auto"))
-    assert base.model.device.type == "cuda"
+def _first_token_accuracy(base, table, pcfg, examples) -> float:
+    """Share of prompts whose greedy first token is the label's first token (`label_accuracy` of
+    test_train, through the device-aware `generate`)."""
+    kv = None if table is None else table_to_key_values(table.to(base.device), pcfg)
+    reqs = [GenerationRequest(encode_prompt(base.tokenizer, e.prompt), prefix=kv, max_tokens=1, temperature=0)
+            for e in examples]
+    firsts = [base.tokenizer(e.completion, add_special_tokens=False)["input_ids"][0] for e in examples]
+    return sum(r.token_ids[0] == f for r, f in zip(generate(base, reqs), firsts)) / len(examples)
+
+
+def test_prefix_training_on_cuda_learns_in_bf16_autocast_and_leaves_the_base_as_it_was():
+    base = make_learnable_base()  # what test_all_defaults_learn_word_to_label trains on the CPU
+    base.model.to("cuda")
+    base.device = torch.device("cuda")
     before = {k: v.clone() for k, v in base.model.state_dict().items()}
     train, held = task(FILL[:12]), task(FILL[12:])
     torch.cuda.reset_peak_memory_stats()
@@ -30,21 +41,28 @@ def test_prefix_training_on_cuda_learns_in_bf16_autocast_and_leaves_the_base_as_
     # the stored table is float32 on the CPU, whatever the device it was trained on
     assert r.table.dtype == torch.float32 and r.table.device.type == "cpu" and torch.isfinite(r.table).all()
     assert all(torch.equal(before[k], v) for k, v in base.model.state_dict().items())
-    adapter = Adapter.from_table(r.table, r.prefix_config, base.fingerprint)
-    tuned = evaluate(base, held, adapter, max_new_tokens=4)
-    plain = evaluate(base, held, None, max_new_tokens=4)
-    assert tuned["exact_match"] >= 0.6 and plain["exact_match"] <= 0.1, (tuned, plain)
-    assert torch.cuda.max_memory_allocated() < 2 * 1024**3  # a tiny base: no leak of per-step caches
+    tuned = _first_token_accuracy(base, r.table, r.prefix_config, held)
+    zero = _first_token_accuracy(base, torch.zeros_like(r.table), r.prefix_config, held)
+    assert tuned >= 0.6 and zero <= 0.1, (tuned, zero)
+    assert torch.cuda.max_memory_allocated() < 2 * 1024**3  # a tiny base: no per-step caches kept
 
 
 def test_mixed_prefix_batch_on_cuda_equals_rows_alone(tiny_base_dirs):
     base = load_base(tiny_base_dirs["llama"], device="cuda")
     prefixes = [_prefix(base, 3, 1), _prefix(base, 9, 2), None, _prefix(base, 5, 3)]
     prefixes = [None if p is None else [(k.cuda(), v.cuda()) for k, v in p] for p in prefixes]
-    reqs = [GenerationRequest(p, prefix=x, max_tokens=6, temperature=0) for p, x in zip(PROMPTS, prefixes)]
+    reqs = [GenerationRequest(p, prefix=x, max_tokens=6, temperature=0, logprobs=2) for p, x in zip(PROMPTS, prefixes)]
     batch = generate(base, reqs)
     for req, res in zip(reqs, batch):
-        assert generate(base, [req])[0].token_ids == res.token_ids
+        alone = generate(base, [req])[0]
+        for j, (a, b) in enumerate(zip(alone.token_ids, res.token_ids)):
+            # cuBLAS may pick another algorithm for another batch size: tokens agree up to a near
+            # tie of the row's top two, and the log-probs agree closely
+            assert abs(alone.logprobs[j].logprob - res.logprobs[j].logprob) < 1e-3
+            if a != b:
+                top = alone.logprobs[j].top
+                assert top[0][2] - top[1][2] < 1e-3, (j, top)
+                break
     sampled = [GenerationRequest(PROMPTS[0], prefix=prefixes[0], max_tokens=6, temperature=0.9, seed=7)] * 2
     a, b = generate(base, sampled)
     assert a.token_ids == b.token_ids  # a seeded CUDA generator per row
