@@ -459,6 +459,19 @@ def test_base_job_registers_a_tenant_base(env):
     assert e.value.status_code == 404 and e.value.param == "model"
 
 
+def test_base_job_continuing_a_base_frees_the_cached_base_and_loads_none(env, monkeypatch):
+    """The worker keeps one base loaded for prefix jobs; a base job trains its own copy from the
+    directory, so it drops the cached one (on a GPU, memory that training needs) and loads none."""
+    runner._BASE_CACHE["stale"] = object()
+    loaded = []
+    monkeypatch.setattr(runner, "load_base_cached", lambda *a, **k: loaded.append(a))
+    fid = _corpus_file(env)
+    job = env.create({"model": "tiny", "training_file": fid, "method": {
+        "type": "base", "base": {"hyperparameters": {"n_epochs": 1}}}})
+    assert runner.run_job(job.id, env.ctx) == "succeeded", _job(env, job.id).error
+    assert loaded == [] and "stale" not in runner._BASE_CACHE
+
+
 def test_dead_worker_base_job_resumes_from_checkpoint(env, monkeypatch):
     body = {"model": "scratch", "training_file": _corpus_file(env), "seed": 5, "method": {
         "type": "base", "base": {"architecture": "llama", "size": "tiny", "hyperparameters": {"n_epochs": 3}}}}

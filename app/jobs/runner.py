@@ -350,12 +350,26 @@ def load_base_cached(path: Path, record: ModelRecord, device="cpu"):
     return _BASE_CACHE[key]
 
 
-def _get_base(run: JobRun, model_id: str):
+def release_cached_base() -> None:
+    """Free the cached base (and its GPU memory) before a job that does not use it."""
+    _BASE_CACHE.clear()
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _base_record(run: JobRun, model_id: str) -> ModelRecord:
     with run.session() as s:
         record = s.scalar(select(ModelRecord).where(ModelRecord.id == model_id, ModelRecord.kind == "base"))
         if record is None or record.tenant_id not in (None, run.tenant_id):
             raise JobFailure("model_not_found", f"The base model '{model_id}' no longer exists", "model")
         s.expunge(record)
+    return record
+
+
+def _get_base(run: JobRun, model_id: str):
+    record = _base_record(run, model_id)
     return record, load_base_cached(materialize(run, record), record, job_device(run.settings))
 
 
@@ -569,9 +583,10 @@ def run_base_job(run: JobRun) -> str:
         raise JobFailure("invalid_training_file", str(e), "training_file") from None
 
     init_dir = None
-    if job.model != "scratch":
-        record, _ = _get_base(run, job.model)
-        init_dir = materialize(run, record)
+    if job.model != "scratch":  # train_base loads it from the directory: no cached copy needed
+        init_dir = materialize(run, _base_record(run, job.model))
+    device = job_device(run.settings)
+    release_cached_base()  # a base kept for prefix jobs would hold memory that training needs
     arch = spec.get("architecture") or DEFAULT_ARCHITECTURE
     size = spec.get("size") or "default"
     if (arch, size) not in PRESETS:
@@ -611,7 +626,7 @@ def run_base_job(run: JobRun) -> str:
     result = train_base(str(out_dir), texts, valid_texts, init_from=str(init_dir) if init_dir else None,
                         architecture=arch, size=size, config=cfg, seed=job.seed, callbacks=callbacks,
                         corpus_name=f.filename, checkpoint_dir=str(ckpt_dir), checkpoint_every=None,
-                        device=job_device(run.settings))
+                        device=device)
     if run.lost.is_set():
         raise LostJob()
     trained = int(result.metrics.get("trained_tokens") or 0) or None
