@@ -191,14 +191,14 @@ def _exclusive(lock_path: Path):
         os.close(fd)
 
 
-def _build_default(target: Path, steps: int | None = None) -> None:
-    """Build the engine's default base into `target`, atomically; `steps` (DEFAULT_BASE_BUILD_STEPS)
-    overrides the preset's step count.
+def _build_default(target: Path, steps: int | None = None, device: str = "auto") -> None:
+    """Build the engine's default base into `target`, atomically, on `device` (DEVICE); `steps`
+    (DEFAULT_BASE_BUILD_STEPS) overrides the preset's step count.
 
     The build checkpoints into `target.parent/.default-build/`; a build killed midway (Ctrl-C, OOM,
     a deploy) resumes from there on the next start with the same final weights, and the checkpoints
     are deleted once the base is in place."""
-    from app.ml.base import BaseTrainingConfig, build_default_base
+    from app.ml.base import BaseTrainingConfig, build_default_base, resolve_device
 
     target.parent.mkdir(parents=True, exist_ok=True)
     ckpt = target.parent / BUILD_CHECKPOINT_DIR
@@ -210,7 +210,7 @@ def _build_default(target: Path, steps: int | None = None) -> None:
             log.info("no base model: building the default base into %s (first start only%s; checkpoints in %s)",
                      target, "" if steps is None else f", {steps} steps", ckpt)
             build_default_base(str(tmp), config=None if steps is None else BaseTrainingConfig(steps=steps),
-                               callbacks=_BuildLog(), checkpoint_dir=ckpt)
+                               callbacks=_BuildLog(), checkpoint_dir=ckpt, device=resolve_device(device))
             try:
                 os.rename(tmp, target)
             except OSError:
@@ -242,9 +242,9 @@ def ensure_default_base(settings, session, blobs, *, fingerprint: str | None = N
             try:
                 materialize_base(settings, blobs, record)
             except FileNotFoundError:
-                _build_default(path, settings.default_base_build_steps)
+                _build_default(path, settings.default_base_build_steps, settings.device)
         else:
-            _build_default(path, settings.default_base_build_steps)
+            _build_default(path, settings.default_base_build_steps, settings.device)
     if fingerprint is None and (record is None or record.details.get("local_path") != str(path)):
         fingerprint = _fingerprint_of(path)
     if record is not None and record.kind == "base" and (fingerprint is None or record.fingerprint == fingerprint):

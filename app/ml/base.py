@@ -727,6 +727,7 @@ def build_default_base(
     out_dir: str, seed: int = 0, callbacks: TrainingCallbacks | None = None,
     config: BaseTrainingConfig | None = None, budget_s: float | None = DEFAULT_BUILD_BUDGET_S,
     checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int | None = None,
+    device: str | torch.device | None = None,
 ) -> BaseTrainResult:
     """The service's first-start base: stdlib corpus -> 8k BPE -> `(DEFAULT_ARCHITECTURE, "default")`.
 
@@ -773,7 +774,7 @@ def build_default_base(
         return train_base(out_dir, train, valid, init_from=None, architecture=DEFAULT_ARCHITECTURE,
                           size="default", config=cfg, seed=seed, callbacks=callbacks,
                           corpus_name="python-stdlib-docs", checkpoint_dir=checkpoint_dir,
-                          checkpoint_every=checkpoint_every)
+                          checkpoint_every=checkpoint_every, device=device)
 
     try:
         return attempt()
