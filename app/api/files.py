@@ -20,7 +20,7 @@ from sqlalchemy import and_, or_, select
 
 from app import quotas
 from app.api.deps import BlobsDep, SessionDep, SettingsDep, TenantDep
-from app.api.errors import ID_PATTERN, APIError, bad_request, is_valid_id, not_found
+from app.api.errors import ID_PATTERN, APIError, is_valid_id, not_found
 from app.api.schemas import FileDeleted, FileList, FileObject
 from app.store.models import File, Job, new_id
 from app.validation import detect_format, validate_dataset
