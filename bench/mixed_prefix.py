@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from app.ml.base import BaseTrainingConfig, build_default_base, load_base
+from app.ml.base import BaseTrainingConfig, build_default_base, load_base, resolve_device
 from app.ml.generate import GenerationRequest, generate
 from app.ml.prefix import PrefixConfig, PrefixEncoder, table_to_key_values
 from bench.common import REPO, emit, limit_mrs, load_e2e, log
@@ -40,20 +40,20 @@ from bench.common import REPO, emit, limit_mrs, load_e2e, log
 CACHE_DIR = Path(os.environ.get("BENCH_DIR", REPO / "var" / "bench"))
 
 
-def _load_or_build_base(quick: bool, dtype: torch.dtype | None = None):
-    """(base, description), in `dtype` (None: as stored, float32)."""
+def _load_or_build_base(quick: bool, dtype: torch.dtype | None = None, device="cpu"):
+    """(base, description), on `device`, in `dtype` (None: as stored, float32)."""
     trained = CACHE_DIR / "default"
     if (trained / "config.json").exists():
-        return load_base(str(trained), dtype=dtype), "default"
+        return load_base(str(trained), device=device, dtype=dtype), "default"
     if not quick:
         log(f"building the default base into {trained} (a few minutes, once)")
         build_default_base(str(trained), seed=0, budget_s=None)  # the full preset, however busy the machine
-        return load_base(str(trained), dtype=dtype), "default"
+        return load_base(str(trained), device=device, dtype=dtype), "default"
     untrained = CACHE_DIR / "default-untrained"
     if not (untrained / "config.json").exists():
         log(f"--quick: default preset, untrained, into {untrained}")
         build_default_base(str(untrained), seed=0, config=BaseTrainingConfig(steps=0))
-    return load_base(str(untrained), dtype=dtype), "default-preset-untrained (--quick, no cached default build)"
+    return load_base(str(untrained), device=device, dtype=dtype), "default-preset-untrained (--quick, no cached default build)"
 
 
 def _adapter_tables(base, n: int, P: int) -> tuple[PrefixConfig, list[torch.Tensor]]:
@@ -82,13 +82,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     # SERVING_DTYPE=bfloat16 on the CPU: bfloat16 matmuls run on AMX tiles where the CPU has them
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="the dtype served in")
+    # the target is for the CPU; on a GPU the same three modes show what batching buys there
+    ap.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     repeats = args.repeats or (2 if args.quick else 5)
     B, P, N = args.batch, args.prefix_len, args.new_tokens
 
-    base, base_desc = _load_or_build_base(args.quick, getattr(torch, args.dtype))
+    base, base_desc = _load_or_build_base(args.quick, getattr(torch, args.dtype), resolve_device(args.device))
     dtype = next(base.model.parameters()).dtype
     mrs = [mr for mr, _ in limit_mrs(load_e2e(), B)]
     mrs = list(dict.fromkeys(mrs))[:B]
