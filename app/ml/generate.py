@@ -190,23 +190,56 @@ def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
     return logits.max(-1).indices
 
 
-def sample_token(logits: torch.Tensor, req: GenerationRequest, generator: torch.Generator | None) -> int:
-    """One token from a row's `[V]` float logits under the row's own settings and generator."""
-    if req.temperature <= 0 or req.top_k == 1:
-        return int(greedy_tokens(logits))
-    x = logits / req.temperature
-    if req.top_k > 0 and req.top_k < x.shape[-1]:
-        kth = torch.topk(x, req.top_k).values[-1]
-        x = x.masked_fill(x < kth, float("-inf"))
-    if req.top_p < 1.0:
-        sorted_x, order = torch.sort(x, descending=True)
-        probs = sorted_x.softmax(-1)
-        # drop a token when the tokens strictly more likely already reach top_p (the top one stays)
-        drop_sorted = (probs.cumsum(-1) - probs) >= req.top_p
-        drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
-        x = x.masked_fill(drop, float("-inf"))
-    probs = x.softmax(-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+def sample_tokens(logits: torch.Tensor, requests: list[GenerationRequest], generators: list[torch.Generator]) -> list[int]:
+    """One token for each row of `[R, V]` float logits, under that row's temperature, top_k and
+    top_p, by inverse-CDF sampling with one uniform drawn from the row's own generator.
+
+    Vectorised over the rows: per-row `torch.multinomial` cost ~200 us and a top_p sort ~380 us a
+    row on CPU, which made a 32-row sampled decode step 2-4x the cost of its forward. A row's token
+    still depends only on its own logits, settings and generator, never on its batch neighbours.
+    """
+    R, V = logits.shape
+    x = logits / torch.tensor([r.temperature for r in requests], dtype=logits.dtype, device=logits.device)[:, None]
+    ks = torch.tensor([r.top_k if 0 < r.top_k < V else 0 for r in requests], device=logits.device)
+    if bool(ks.any()):
+        top = torch.topk(x, int(ks.max()), dim=-1).values  # sorted: a row's k-th value is the same for any larger k
+        kth = top.gather(1, (ks - 1).clamp(min=0)[:, None])
+        x = x.masked_fill((x < kth) & (ks > 0)[:, None], float("-inf"))
+    nucleus = [i for i, r in enumerate(requests) if r.top_p < 1.0]
+    if nucleus:
+        rows = torch.tensor(nucleus, device=logits.device)
+        ps = torch.tensor([requests[i].top_p for i in nucleus], dtype=logits.dtype, device=logits.device)
+        x[rows] = x[rows].masked_fill(~_nucleus(x[rows].softmax(-1).float(), ps.float()), float("-inf"))
+    cdf = x.softmax(-1).cumsum(-1)
+    u = torch.stack([torch.rand((), generator=g, device=g.device, dtype=cdf.dtype) for g in generators])
+    ids = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
+    # u * total can round up to the total: then take the last token of positive probability (the
+    # first where the CDF reaches its total)
+    last = torch.searchsorted(cdf, cdf[:, -1:].contiguous())[:, 0]
+    return torch.minimum(ids, last).tolist()
+
+
+def _nucleus(probs: torch.Tensor, ps: torch.Tensor) -> torch.Tensor:
+    """Top-p masks of `[R, V]` float probabilities: keep a token while the tokens ranked above it
+    hold less than p (the top one always stays).
+
+    A full sort costs ~270 us a row on CPU (8,192 entries). Where the top k already hold p, the
+    kept set lies among them, so a top-64 settles peaked rows, a top-1024 most others, and only
+    rows flatter than that are sorted. Which stage settles a row depends on that row alone."""
+    V = probs.shape[-1]
+    keep = torch.zeros_like(probs, dtype=torch.bool)
+    rows = torch.arange(len(probs), device=probs.device)
+    for k in sorted({min(64, V), min(1024, V), V}):
+        sub, p = probs[rows], ps[rows]
+        vals, idx = sub.topk(k, dim=-1) if k < V else sub.sort(-1, descending=True)
+        before = vals.cumsum(-1) - vals  # the mass ranked above each
+        settled = (before[:, -1] + vals[:, -1] >= p) | (k >= V)
+        keep[rows[settled]] = torch.zeros_like(sub[settled], dtype=torch.bool).scatter(
+            1, idx[settled], before[settled] < p[settled, None])
+        rows = rows[~settled]
+        if not len(rows):
+            break
+    return keep
 
 
 def _token_logprobs(tokenizer, logits: torch.Tensor, token_id: int, k: int) -> TokenLogprob:
@@ -498,11 +531,17 @@ class DecodeBatch:
         if not self.rows:
             return []
         tokenizer, logits = self.base.tokenizer, self.logits
-        greedy = greedy_tokens(logits).tolist()  # one sync for all greedy rows
+        tokens = greedy_tokens(logits).tolist()  # one sync for all greedy rows
+        sampled = [j for j, row in enumerate(self.rows) if row.generator is not None]
+        if sampled:  # one vectorised draw for all sampling rows
+            picks = sample_tokens(logits[sampled], [self.rows[j].req for j in sampled],
+                                  [self.rows[j].generator for j in sampled])
+            for j, tok in zip(sampled, picks):
+                tokens[j] = tok
         keep, next_ids, done = [], [], []
         for j, row in enumerate(self.rows):
             req = row.req
-            tok = greedy[j] if row.generator is None else sample_token(logits[j], req, row.generator)
+            tok = tokens[j]
             if row.logprobs is not None:
                 row.logprobs.append(_token_logprobs(tokenizer, logits[j], tok, req.logprobs))
             delta = row.advance(tok, tok in self.eos and not req.ignore_eos)

@@ -13,9 +13,11 @@ from app.ml.generate import (
     IncrementalDetokenizer,
     classify,
     generate,
+    _nucleus,
     greedy_tokens,
     max_context,
     partial_stop_len,
+    sample_tokens,
     score,
 )
 from app.ml.kvcache import FrozenPrefixCache, positions_from_mask
@@ -121,6 +123,62 @@ def test_top_k_1_and_tiny_top_p_are_greedy(bases):
     p0 = generate(base, _requests(base, max_tokens=5, temperature=1.5, top_p=1e-6, seed=3))
     assert [r.token_ids for r in k1] == greedy
     assert [r.token_ids for r in p0] == greedy
+
+
+def _draws(logits, req, n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.tensor([sample_tokens(logits[None], [req], [g])[0] for _ in range(n)])
+
+
+def test_sample_tokens_follows_temperature_top_k_and_top_p():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = probs.log()
+    n = 4000  # a frequency's standard error is at most 0.008: 0.035 is over 4 of them
+
+    def freq(req):
+        return torch.bincount(_draws(logits, req, n), minlength=4).float() / n
+
+    def close(req, expected):
+        got = freq(req)
+        assert (got - expected).abs().max() < 0.035, (req, got, expected)
+        assert got[expected == 0].sum() == 0  # outside top-k / top-p: never
+
+    close(GenerationRequest([1], temperature=1.0), probs)
+    sharp = probs**2 / (probs**2).sum()  # temperature 0.5 squares the probabilities
+    close(GenerationRequest([1], temperature=0.5), sharp)
+    close(GenerationRequest([1], temperature=1.0, top_k=2), torch.tensor([0.625, 0.375, 0, 0]))
+    # top_p 0.7: token 2 has 0.8 ranked above it, dropped; 0.85: kept
+    close(GenerationRequest([1], temperature=1.0, top_p=0.7), torch.tensor([0.625, 0.375, 0, 0]))
+    close(GenerationRequest([1], temperature=1.0, top_p=0.85), torch.tensor([0.5, 0.3, 0.15, 0]) / 0.95)
+    tiny = GenerationRequest([1], temperature=1.0, top_p=1e-6)
+    assert _draws(logits, tiny, 50).eq(0).all()
+
+
+def test_sample_tokens_rows_do_not_depend_on_their_neighbours():
+    """Each row draws one uniform from its own generator: the same seed gives the same token
+    whatever the rows around it and their settings."""
+    V = 3000  # above the 1024-wide nucleus stage, so flat rows reach the sort
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, V, generator=gen) * torch.tensor([0.1, 1.0, 4.0, 0.1, 8.0, 2.0])[:, None]
+    reqs = [GenerationRequest([1], temperature=t, top_k=k, top_p=p)
+            for t, k, p in [(1.0, 0, 0.9), (0.7, 40, 1.0), (1.3, 0, 0.95), (1.0, 0, 1.0), (0.9, 5, 0.5), (1.0, 0, 0.3)]]
+    for seed in range(20):
+        batch = sample_tokens(logits, reqs, [torch.Generator().manual_seed(seed * 10 + i) for i in range(6)])
+        alone = [sample_tokens(logits[i : i + 1], [reqs[i]], [torch.Generator().manual_seed(seed * 10 + i)])[0]
+                 for i in range(6)]
+        assert batch == alone
+
+
+@pytest.mark.parametrize("V", [5, 64, 300, 3000])
+def test_nucleus_equals_the_sorted_definition(V):
+    gen = torch.Generator().manual_seed(V)
+    scales = torch.tensor([0.05, 0.5, 2.0, 6.0, 20.0])[:, None]  # flat to peaked: every stage
+    probs = (torch.randn(5, V, generator=gen) * scales).softmax(-1)
+    for p in (1e-6, 0.3, 0.9, 0.999):
+        ps = torch.full((5,), p)
+        vals, idx = probs.sort(-1, descending=True)
+        ref = torch.zeros_like(probs, dtype=torch.bool).scatter(1, idx, (vals.cumsum(-1) - vals) < p)
+        assert torch.equal(_nucleus(probs, ps), ref)
 
 
 def test_greedy_tokens_is_argmax_with_its_tie_rule():
