@@ -242,15 +242,21 @@ def _nucleus(probs: torch.Tensor, ps: torch.Tensor) -> torch.Tensor:
     return keep
 
 
-def _token_logprobs(tokenizer, logits: torch.Tensor, token_id: int, k: int) -> TokenLogprob:
+def token_logprobs(tokenizer, logits: torch.Tensor, token_ids: list[int], ks: list[int]) -> list[TokenLogprob]:
+    """Per row of `[R, V]` float logits: the log-probability of its chosen token and its `ks[i]`
+    most likely alternatives, from one batched `log_softmax` and one `topk` for all rows."""
     lp = logits.log_softmax(-1)
+    chosen = lp.gather(1, torch.tensor(token_ids, device=lp.device)[:, None])[:, 0].tolist()
+    kmax = min(max(ks, default=0), lp.shape[-1])
+    vals, ids = lp.topk(kmax, dim=-1) if kmax > 0 else (lp[:, :0], lp[:, :0].long())
+    vals, ids = vals.tolist(), ids.tolist()
+
     def text(t: int) -> str:
         return tokenizer.decode([t], skip_special_tokens=False, clean_up_tokenization_spaces=False)
-    top = []
-    if k > 0:
-        vals, ids = torch.topk(lp, min(k, lp.shape[-1]))
-        top = [(int(i), text(int(i)), float(v)) for v, i in zip(vals.tolist(), ids.tolist())]
-    return TokenLogprob(int(token_id), text(int(token_id)), float(lp[token_id]), top)
+
+    return [TokenLogprob(int(t), text(int(t)), chosen[i],
+                         [(j, text(j), v) for v, j in zip(vals[i][: ks[i]], ids[i][: ks[i]])])
+            for i, t in enumerate(token_ids)]
 
 
 def eos_token_ids(base) -> set[int]:
@@ -538,12 +544,15 @@ class DecodeBatch:
                                   [self.rows[j].generator for j in sampled])
             for j, tok in zip(sampled, picks):
                 tokens[j] = tok
+        scored = [j for j, row in enumerate(self.rows) if row.logprobs is not None]
+        if scored:
+            for j, entry in zip(scored, token_logprobs(tokenizer, logits[scored], [tokens[j] for j in scored],
+                                                        [self.rows[j].req.logprobs for j in scored])):
+                self.rows[j].logprobs.append(entry)
         keep, next_ids, done = [], [], []
         for j, row in enumerate(self.rows):
             req = row.req
             tok = tokens[j]
-            if row.logprobs is not None:
-                row.logprobs.append(_token_logprobs(tokenizer, logits[j], tok, req.logprobs))
             delta = row.advance(tok, tok in self.eos and not req.ignore_eos)
             if on_token is not None:
                 on_token(row.key, tok, delta)

@@ -310,6 +310,26 @@ def test_logprobs_agree_with_score(bases):
         assert abs(score(base, req.prompt_ids, [res.token_ids], req.prefix)[0] - total) < 1e-4
 
 
+def test_logprobs_of_rows_asking_for_different_alternatives(bases):
+    """One batched log_softmax and top-k serve rows asking for 3, 0, no and 1 alternatives; each
+    row gets what it gets alone."""
+    base = bases["llama"]
+    reqs = _requests(base, max_tokens=3, temperature=0.9, seed=5)
+    for r, k in zip(reqs, [3, 0, None, 1]):
+        r.logprobs = k
+    batch = generate(base, reqs)
+    for req, res in zip(reqs, batch):
+        alone = generate(base, [req])[0]
+        if req.logprobs is None:
+            assert res.logprobs is None
+            continue
+        assert [len(lp.top) for lp in res.logprobs] == [req.logprobs] * len(res.token_ids)
+        for a, b in zip(res.logprobs, alone.logprobs):  # values: the forward rounds a batch a little differently
+            assert (a.token_id, a.token) == (b.token_id, b.token) and abs(a.logprob - b.logprob) < 1e-5
+            assert [t[:2] for t in a.top] == [t[:2] for t in b.top]
+            assert all(abs(x[2] - y[2]) < 1e-5 for x, y in zip(a.top, b.top))
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_score_equals_single_row_forward(bases, arch):
     base = bases[arch]
