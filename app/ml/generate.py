@@ -14,8 +14,8 @@ sampling settings and seeded generator, stop strings, streaming with correct tex
 dropping finished rows from the batch so compute shrinks, and rows joining a running batch. (And
 PEFT's prefix `generate` is known to be broken on this stack: see DESIGN.md.)
 
-`score` / `classify` sum the log-probs of candidate completions in one batched forward with a
-`FrozenPrefixCache`, for classification-style tasks.
+`score` / `classify` sum the log-probs of candidate completions, for classification-style tasks:
+the prompt is prefilled once, and only multi-token candidates run a second, shared forward.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ import torch
 
 from app.ml.kvcache import (
     KV,
-    FrozenPrefixCache,
     GenerationCache,
     GrowingLayer,
     batch_prefixes,
@@ -610,40 +609,43 @@ def generate(
 def score(base, prompt_ids: list[int], candidates: list[list[int]], prefix: KV | None = None) -> list[float]:
     """Sum of log-probs of each candidate completion after `prompt_ids`, under `prefix`.
 
-    One batched forward with a `FrozenPrefixCache`; rows are prompt+candidate, left-padded.
+    The prompt runs once (a `DecodeBatch` prefill, THE rule of `kvcache.py`): its last logits score
+    every candidate's first token, and only candidates of two or more tokens run a second forward,
+    all together over the prompt's keys/values repeated per row, their tokens left-padded after the
+    prompt (padding in the middle changes no position or attention, as when rows join a batch).
+    Before, every candidate re-ran the whole prompt: a 5-label call on a 30-token prompt computed
+    it 5 times.
     """
     if not prompt_ids:
         raise ValueError("prompt must have at least one token")
     if not candidates:
         return []
-    model, device = base.model, base.device
-    dtype = _model_dtype(model)
-    seqs = [list(prompt_ids) + list(c) for c in candidates]
-    L = max(len(s) for s in seqs)
-    P = prefix_length(prefix)
-    check_context(base, L, P, 0)
-    n, longest = len(seqs), max(len(c) for c in candidates)
+    longest = max(len(c) for c in candidates)
+    check_context(base, len(prompt_ids) + longest, prefix_length(prefix), 0)
     if longest == 0:
-        return [0.0] * n
-    pad = _pad_id(base)
-    ids = torch.tensor([[pad] * (L - len(s)) + s for s in seqs], device=device)
-    tmask = torch.tensor([[0] * (L - len(s)) + [1] * len(s) for s in seqs], device=device)
-    prefix = _prefix_on(prefix, dtype, device)
+        return [0.0] * len(candidates)
     with torch.inference_mode():
-        kv, pmask = batch_prefixes([prefix] * n, base.geometry, dtype, device)
-        mask = torch.cat([pmask, tmask], 1)
-        cache = FrozenPrefixCache(kv) if P else None
-        # Only the last longest+1 positions predict candidate tokens.
-        out = model(
-            input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask, L),
-            cache=cache, logits_to_keep=longest + 1,
-        )
-        lp = out.logits[:, :-1].float().log_softmax(-1)  # [n, longest, V]; column t predicts ids[:, L-longest+t]
-        targets = ids[:, L - longest :]
-        tok_lp = lp.gather(-1, targets[..., None])[..., 0]
-        scores = []
-        for i, c in enumerate(candidates):
-            scores.append(float(tok_lp[i, longest - len(c) :].sum()) if c else 0.0)
+        prompt = DecodeBatch(base)
+        prompt.add([GenerationRequest(list(prompt_ids), prefix=prefix, max_tokens=1)])
+        first = prompt.logits[0].log_softmax(-1)
+        scores = [float(first[c[0]]) if c else 0.0 for c in candidates]
+        multi = [i for i, c in enumerate(candidates) if len(c) > 1]
+        if multi:
+            device, m = base.device, len(multi)
+            # token t of a candidate (all but its last) predicts token t + 1
+            inputs = [candidates[i][:-1] for i in multi]
+            L = max(len(x) for x in inputs)
+            ids = torch.tensor([[_pad_id(base)] * (L - len(x)) + x for x in inputs], device=device)
+            tmask = torch.tensor([[0] * (L - len(x)) + [1] * len(x) for x in inputs], device=device)
+            targets = torch.tensor([[0] * (L - len(x)) + candidates[i][1:] for i, x in zip(multi, inputs)], device=device)
+            for layer in prompt.cache.layers:
+                layer.batch_repeat_interleave(m)
+            mask = torch.cat([prompt.mask.expand(m, -1), tmask], 1)
+            out = base.model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask, L),
+                             cache=prompt.cache, use_cache=True)
+            lp = out.logits.float().log_softmax(-1).gather(-1, targets[..., None])[..., 0]
+            for i, rest in zip(multi, (lp * tmask).sum(-1).tolist()):
+                scores[i] += rest
     return scores
 
 
