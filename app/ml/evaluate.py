@@ -27,7 +27,7 @@ import sacrebleu
 import torch
 
 from app.ml.data import Example, encode_prompt, tokenize_example
-from app.ml.kvcache import KV, FrozenPrefixCache, batch_prefixes, positions_from_mask
+from app.ml.kvcache import KV, FrozenPrefixCache, batch_prefixes, keeps_logits_by_mask, positions_from_mask
 
 METRICS = ("loss", "perplexity", "exact_match", "bleu", "chrf")
 
@@ -146,16 +146,22 @@ def completion_nll(base, examples: Sequence[Any], prefix: Any = None, batch_size
             cache = FrozenPrefixCache(batch_kv)
         else:
             full, cache = tmask, None
-        out = model(
-            input_ids=ids, attention_mask=full, position_ids=positions_from_mask(full, L), cache=cache, use_cache=False
-        )
-        logits = out.logits[:, :-1].float()
+        kwargs = dict(input_ids=ids, attention_mask=full, position_ids=positions_from_mask(full, L), cache=cache,
+                      use_cache=False)
         target = labels[:, 1:]
-        nll = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="sum"
-        )
+        predicts_label = target != -100
+        if keeps_logits_by_mask(model):
+            # the vocabulary projection only where the next token is a label, as in training: the
+            # prompt positions' logits were computed and thrown away
+            logits = model(**kwargs, logits_to_keep=torch.nn.functional.pad(predicts_label, (0, 1))).logits.float()
+            nll = torch.nn.functional.cross_entropy(logits, target[predicts_label], reduction="sum")
+        else:
+            logits = model(**kwargs).logits[:, :-1].float()
+            nll = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="sum"
+            )
         total += float(nll)
-        count += int((target != -100).sum())
+        count += int(predicts_label.sum())
     return total, count
 
 
