@@ -14,8 +14,8 @@ so the three modes do the same work.
 
 Measured on the 4-KV-head default base (3.34M parameters, E2E prompts of 43.5 tokens on average),
 torch's 2 threads, 2-core machine of 2026-11-30 (its speed drifts by 10-15% over minutes; each run
-takes its own ratio side by side): mixed_vs_shared 0.93-1.04, mixed_vs_one_at_a_time 9.3-10.6 (mixed
-0.135-0.168 s, one at a time 1.40-1.57 s). Both sides are compute bound: a 32-row decode step is ~6 ms
+takes its own ratio side by side): mixed_vs_shared 0.93-1.04, mixed_vs_one_at_a_time 9.0-10.6 (mixed
+0.117-0.168 s, one at a time 1.06-1.57 s). Both sides are compute bound: a 32-row decode step is ~6 ms
 (the vocabulary projection ~0.6, attention ~0.7, the per-forward overhead of one row ~2.5), and the
 prefill of 32 prompts (1,664 slots, 16% of them padding) ~45 ms, against ~2.5 ms per forward of a
 single row. --dtype bfloat16 (AMX): mixed 0.127 s, but one at a time slows to 2.2 s (17.4; the
