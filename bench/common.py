@@ -61,3 +61,14 @@ def log(msg: str) -> None:
 def emit(result: dict) -> None:
     """The benchmark's last line: one JSON object on stdout."""
     print(json.dumps(result, sort_keys=True), flush=True)
+
+
+def best_time(fn, repeats: int) -> float:
+    """Seconds of the fastest of `repeats` calls of `fn`, after one untimed call."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best

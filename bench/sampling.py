@@ -17,13 +17,12 @@ prompts, 32 random P=16 adapters); the logits are that batch's real next-token l
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
 from app.ml.generate import DecodeBatch, GenerationRequest, sample_tokens
 from app.ml.prefix import table_to_key_values
-from bench.common import emit, limit_mrs, load_e2e, log
+from bench.common import best_time, emit, limit_mrs, load_e2e, log
 from bench.mixed_prefix import _adapter_tables, _load_or_build_base
 
 SETTINGS = {"t1": dict(temperature=1.0), "top_k": dict(temperature=0.8, top_k=50),
@@ -42,16 +41,6 @@ def per_row_sample(logits: torch.Tensor, req: GenerationRequest, generator: torc
         drop_sorted = (probs.cumsum(-1) - probs) >= req.top_p
         x = x.masked_fill(torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted), float("-inf"))
     return int(torch.multinomial(x.softmax(-1), 1, generator=generator))
-
-
-def _best(fn, repeats: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -79,14 +68,14 @@ def main(argv: list[str] | None = None) -> dict:
     gens = [torch.Generator().manual_seed(i) for i in range(B)]
     sampling_ms, ratio, step_ms = {}, {}, {}
     greedy = batch({"temperature": 0.0})
-    step_ms["greedy"] = _best(greedy.step, repeats) * 1e3
+    step_ms["greedy"] = best_time(greedy.step, repeats) * 1e3
     for name, settings in SETTINGS.items():
         reqs = [GenerationRequest([1], **settings)] * B
-        vec = _best(lambda: sample_tokens(logits, reqs, gens), repeats)
-        row = _best(lambda: [per_row_sample(logits[i], reqs[i], gens[i]) for i in range(B)], repeats)
+        vec = best_time(lambda: sample_tokens(logits, reqs, gens), repeats)
+        row = best_time(lambda: [per_row_sample(logits[i], reqs[i], gens[i]) for i in range(B)], repeats)
         sampling_ms[name] = {"vectorised": round(vec * 1e3, 3), "per_row": round(row * 1e3, 3)}
         ratio[name] = round(row / vec, 2)
-        step_ms[name] = _best(batch(settings).step, repeats) * 1e3
+        step_ms[name] = best_time(batch(settings).step, repeats) * 1e3
         log(f"{name}: sampling {vec * 1e3:.2f} ms vectorised, {row * 1e3:.2f} ms per row; step {step_ms[name]:.2f} ms")
     result = {
         "bench": "sampling",

@@ -13,14 +13,13 @@ difference between the two scores. Cases: 5 one-token labels and 5 labels of 1-6
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
 from app.ml.generate import _pad_id, score
 from app.ml.kvcache import FrozenPrefixCache, batch_prefixes, keeps_logits_by_mask, positions_from_mask
 from app.ml.prefix import table_to_key_values
-from bench.common import emit, load_e2e, log
+from bench.common import best_time, emit, load_e2e, log
 from bench.mixed_prefix import _adapter_tables, _load_or_build_base
 
 LABELS = {"one_token": [" positive", " negative", " neutral", " mixed", " unknown"],
@@ -47,16 +46,6 @@ def per_candidate_score(base, prompt_ids, candidates, prefix) -> list[float]:
     return [float(tok_lp[i, longest - len(c) :].sum()) for i, c in enumerate(candidates)]
 
 
-def _best(fn, repeats: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer repeats; no base training if none is cached")
@@ -75,8 +64,8 @@ def main(argv: list[str] | None = None) -> dict:
             if kind == "one_token":
                 labels = [x[:1] for x in labels]
             case = f"prompt{plen}_{kind}"
-            shared = _best(lambda: score(base, prompt, labels, prefix), repeats)
-            each = _best(lambda: per_candidate_score(base, prompt, labels, prefix), repeats)
+            shared = best_time(lambda: score(base, prompt, labels, prefix), repeats)
+            each = best_time(lambda: per_candidate_score(base, prompt, labels, prefix), repeats)
             ratios[case] = round(each / shared, 2)
             ms[case] = {"shared_prompt": round(shared * 1e3, 2), "per_candidate": round(each * 1e3, 2)}
             a, b = score(base, prompt, labels, prefix), per_candidate_score(base, prompt, labels, prefix)
