@@ -482,6 +482,21 @@ class DecodeBatch:
         return done
 
     def _prefill(self, rows: list[_Row]):
+        """(cache, mask, last logits) of `rows`. Rows with the same prompt and the same prefix
+        object (the `n` choices of one API request, or one prompt sent many times) are computed
+        once: their keys/values and logits are copies of that one row's."""
+        first: dict[tuple, int] = {}
+        which = [first.setdefault((tuple(r.req.prompt_ids), id(r.req.prefix)), i) for i, r in enumerate(rows)]
+        if len(first) == len(rows):
+            return self._prefill_distinct(rows)
+        distinct = sorted(first.values())
+        cache, mask, logits = self._prefill_distinct([rows[i] for i in distinct])
+        position = {row: k for k, row in enumerate(distinct)}
+        idx = torch.tensor([position[w] for w in which], device=mask.device)
+        cache.batch_select_indices(idx)  # repeated indices: each copy gets its own tensors
+        return cache, mask[idx], logits[idx]
+
+    def _prefill_distinct(self, rows: list[_Row]):
         """Left-padded prompts after right-aligned prefixes: (cache, mask, last logits)."""
         model, device = self.base.model, self.base.device
         L = max(len(r.req.prompt_ids) for r in rows)

@@ -397,6 +397,28 @@ def test_rows_joining_a_running_batch_equal_rows_alone(bases, arch):
         assert got[k].text == alone.text and got[k].finish_reason == alone.finish_reason
 
 
+def test_rows_with_the_same_prompt_and_prefix_share_one_prefill(bases):
+    """The n choices of one request (same prompt, same prefix object) are prefilled once; each
+    still decodes on its own and equals its run alone."""
+    base = bases["llama"]
+    prefix = _prefix(base, 4, 1)
+    reqs = [GenerationRequest(PROMPTS[0], prefix=prefix, max_tokens=6, temperature=1.5, seed=s) for s in (1, 2, 3)]
+    reqs += [GenerationRequest(PROMPTS[1], prefix=prefix, max_tokens=6, temperature=0),
+             GenerationRequest(PROMPTS[0], prefix=None, max_tokens=6, temperature=0)]  # no prefix: another row
+    rows_per_forward = []
+    hook = base.model.register_forward_pre_hook(
+        lambda m, args, kwargs: rows_per_forward.append(kwargs["input_ids"].shape), with_kwargs=True)
+    try:
+        batch = generate(base, reqs)
+    finally:
+        hook.remove()
+    assert rows_per_forward[0] == (3, max(len(PROMPTS[0]), len(PROMPTS[1])))  # 3 distinct prefills for 5 rows
+    assert all(shape[0] == 5 for shape in rows_per_forward[1:3])  # then all 5 rows decode
+    for req, res in zip(reqs, batch):
+        assert generate(base, [req])[0].token_ids == res.token_ids
+    assert len({tuple(r.token_ids) for r in batch[:3]}) > 1  # the copies sample on their own
+
+
 def test_dropped_rows_leave_and_the_rest_go_on(bases):
     from app.ml.generate import DecodeBatch
 
