@@ -551,8 +551,9 @@ class DecodeBatch:
         if not self.rows:
             return []
         tokenizer, logits = self.base.tokenizer, self.logits
-        tokens = greedy_tokens(logits).tolist()  # one sync for all greedy rows
         sampled = [j for j, row in enumerate(self.rows) if row.generator is not None]
+        # one sync for all greedy rows (none to compute when every row samples)
+        tokens = greedy_tokens(logits).tolist() if len(sampled) < len(self.rows) else [0] * len(self.rows)
         if sampled:  # one vectorised draw for all sampling rows
             picks = sample_tokens(logits[sampled], [self.rows[j].req for j in sampled],
                                   [self.rows[j].generator for j in sampled])
@@ -648,13 +649,13 @@ def score(base, prompt_ids: list[int], candidates: list[list[int]], prefix: KV |
         if multi:
             device, m = base.device, len(multi)
             # token t of a candidate (all but its last) predicts token t + 1
-            inputs = [candidates[i][:-1] for i in multi]
+            inputs = [list(candidates[i][:-1]) for i in multi]
             L = max(len(x) for x in inputs)
             ids = torch.tensor([[_pad_id(base)] * (L - len(x)) + x for x in inputs], device=device)
             tmask = torch.tensor([[0] * (L - len(x)) + [1] * len(x) for x in inputs], device=device)
-            targets = torch.tensor([[0] * (L - len(x)) + candidates[i][1:] for i, x in zip(multi, inputs)], device=device)
-            for layer in prompt.cache.layers:
-                layer.batch_repeat_interleave(m)
+            targets = torch.tensor([[0] * (L - len(x)) + list(candidates[i][1:]) for i, x in zip(multi, inputs)],
+                                   device=device)
+            prompt.cache.batch_repeat_interleave(m)
             mask = torch.cat([prompt.mask.expand(m, -1), tmask], 1)
             out = base.model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask, L),
                              cache=prompt.cache, use_cache=True)
