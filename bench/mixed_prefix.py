@@ -13,14 +13,20 @@ shapes, so the same compute per token). The JSON says which. Every request gener
 so the three modes do the same work.
 
 Measured on the 4-KV-head default base (3.34M parameters, E2E prompts of 43.5 tokens on average),
-torch's 2 threads, 2-core machine of 2026-11-30 (its speed drifts by 10-15% over minutes; each run
-takes its own ratio side by side): mixed_vs_shared 0.93-1.04, mixed_vs_one_at_a_time 9.0-10.6 (mixed
-0.117-0.168 s, one at a time 1.06-1.57 s). Both sides are compute bound: a 32-row decode step is ~6 ms
-(the vocabulary projection ~0.6, attention ~0.7, the per-forward overhead of one row ~2.5), and the
-prefill of 32 prompts (1,664 slots, 16% of them padding) ~45 ms, against ~2.5 ms per forward of a
-single row. --dtype bfloat16 (AMX): mixed 0.127 s, but one at a time slows to 2.2 s (17.4; the
-single-row forwards are overhead bound and pay the conversions). With --max-prompt-tokens 12 the
-prefill shrinks and the ratio grows (18 on the session-1 base).
+torch's 2 threads. Machine speed drifts and each run takes its own ratio side by side.
+- 2-core Intel with AVX-512/AMX (2026-11-30, morning): mixed_vs_shared 0.93-1.04,
+  mixed_vs_one_at_a_time 9.0-10.6 over 13 runs (mixed 0.117-0.168 s, one at a time 1.06-1.57 s).
+  A 32-row decode step ~6 ms (vocabulary projection ~0.6, attention ~0.7, the per-forward overhead
+  of one row ~2.5); the prefill of 32 prompts (1,664 slots, 16% of them padding) ~45 ms.
+  --dtype bfloat16 (AMX): mixed 0.127 s, but one at a time slows to 2.2 s (17.4; the single-row
+  forwards are overhead bound and pay the conversions).
+- 2-core AMD EPYC with AVX2 (2026-11-30, afternoon): 10.1-12.5 over 11 runs once the engine
+  projected logits as W·Hᵀ (bench.projection), 9.1-12.6 over 7 runs before; mixed 0.24-0.34 s, one
+  at a time 2.8-3.6 s; mixed_vs_shared 0.83-1.15 (the run-to-run noise of this machine: 40 runs of
+  the mixed batch alone spread from 0.29 to 0.47 s).
+The batched steps are matmul bound and the single rows' steps mostly per-forward overhead, so a
+leaner forward would help the single rows most: the ratio is set by the machine and the base's shape. With
+--max-prompt-tokens 12 the prefill shrinks and the ratio grows (18 on the session-1 base).
 """
 
 from __future__ import annotations
@@ -87,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    repeats = args.repeats or (2 if args.quick else 5)
+    repeats = args.repeats or (2 if args.quick else 8)
     B, P, N = args.batch, args.prefix_len, args.new_tokens
 
     base, base_desc = _load_or_build_base(args.quick, getattr(torch, args.dtype), resolve_device(args.device))

@@ -406,7 +406,8 @@ def test_rows_with_the_same_prompt_and_prefix_share_one_prefill(bases):
     reqs += [GenerationRequest(PROMPTS[1], prefix=prefix, max_tokens=6, temperature=0),
              GenerationRequest(PROMPTS[0], prefix=None, max_tokens=6, temperature=0)]  # no prefix: another row
     rows_per_forward = []
-    hook = base.model.register_forward_pre_hook(
+    generate(base, reqs[-1:])  # the engine's first call checks the model's head on a short input
+    hook = base.model.base_model.register_forward_pre_hook(
         lambda m, args, kwargs: rows_per_forward.append(kwargs["input_ids"].shape), with_kwargs=True)
     try:
         batch = generate(base, reqs)
@@ -464,3 +465,35 @@ def test_rows_of_very_different_lengths_equal_rows_alone(bases, monkeypatch):
     batch = generate(base, reqs)
     for req, res in zip(reqs, batch):
         assert res.token_ids == generate(base, [req])[0].token_ids
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2"])
+def test_engine_projects_logits_itself_only_where_that_equals_the_model(tiny_base_dirs, arch):
+    """The engine computes the vocabulary projection itself (W·Hᵀ on the backbone's states) for
+    the three families; a model whose forward does more after its head (here it halves the
+    logits) keeps its own forward, so the engine's logits stay the model's."""
+    from app.ml.generate import last_logits, split_head
+
+    base = load_base(tiny_base_dirs[arch])
+    ids = torch.tensor([[0] + PROMPTS[1], PROMPTS[0][-3:]])  # the first row left-padded
+    mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    inputs = dict(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask, 3), use_cache=False)
+    with torch.no_grad():
+        expected = base.model(**inputs).logits[:, -1]
+        assert split_head(base.model) is not None
+        assert torch.allclose(last_logits(base.model, **inputs), expected, rtol=1e-4, atol=1e-5)
+
+        plain_forward = base.model.forward
+
+        def halved(*args, **kwargs):
+            out = plain_forward(*args, **kwargs)
+            out.logits = out.logits * 0.5
+            return out
+
+        assert split_head(load_base(tiny_base_dirs[arch], dtype=torch.bfloat16).model) is not None  # any dtype
+
+        other = load_base(tiny_base_dirs[arch])  # a new model object: the check is cached per model
+        plain_forward = other.model.forward
+        other.model.forward = halved
+        assert split_head(other.model) is None
+        assert torch.allclose(last_logits(other.model, **inputs), expected * 0.5, rtol=1e-4, atol=1e-5)
