@@ -75,3 +75,31 @@ def test_reserve_sizes_the_first_buffer_for_the_prompt_after_the_prefix():
     for step in range(64):
         plain.update(*_kv(4, 1, 100 + step), 0)
     assert plain.layers[0]._key_buffer is not first
+
+
+def test_batch_prefixes_places_each_row_right_aligned_whatever_the_mix():
+    """Distinct prefixes of one length (stacked), mixed lengths and rows without a prefix (copied
+    row by row), and one shared prefix (expanded) all give the same layout: row i's prefix in its
+    last P_i slots, zeros and mask 0 before it."""
+    from app.ml.kvcache import ModelGeometry, batch_prefixes
+
+    geometry = ModelGeometry(num_layers=2, num_kv_heads=2, head_dim=4, hidden_size=8, max_positions=64)
+
+    def prefix(P, seed):
+        return [(k[0], v[0]) for k, v in (_kv(1, P, seed * 10 + layer) for layer in range(2))]
+
+    same_length = [prefix(3, s) for s in range(3)]
+    mixed = [prefix(3, 7), None, prefix(1, 8)]
+    shared = [prefix(2, 9)] * 2
+    for prefixes in (same_length, mixed, shared):
+        kv, mask = batch_prefixes(prefixes, geometry, torch.float32, "cpu")
+        P_max = max(0 if p is None else p[0][0].shape[1] for p in prefixes)
+        for row, p in enumerate(prefixes):
+            n = 0 if p is None else p[0][0].shape[1]
+            assert mask[row].tolist() == [0] * (P_max - n) + [1] * n
+            for layer, (k, v) in enumerate(kv):
+                assert k.shape == (len(prefixes), 2, P_max, 4)
+                assert not k[row, :, : P_max - n].any() and not v[row, :, : P_max - n].any()
+                if p is not None:
+                    assert torch.equal(k[row, :, P_max - n :], p[layer][0])
+                    assert torch.equal(v[row, :, P_max - n :], p[layer][1])
