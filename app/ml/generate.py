@@ -331,7 +331,7 @@ def vocab_logits(head: torch.nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
     """Float `[rows, vocab]` logits of `[rows, hidden]` states, computed as W·Hᵀ, transposed.
 
     The same products as the model's H·Wᵀ, but MKL runs `[V, d] x [d, rows]` 1.7-3.4x as fast as
-    `[rows, d] x [d, V]` at 32 rows on an AMD EPYC, and no slower at 1 row (`bench.projection`).
+    `[rows, d] x [d, V]` at 32 rows on an AMD EPYC, and about as fast at 1 row (`bench.projection`).
     The vocabulary projection is the largest matmul of a decode step on a small base: a 32-row
     decode of 16 tokens took 164 instead of 195 ms on the `default` base."""
     logits = (head.weight @ hidden.t()).t()
