@@ -483,17 +483,16 @@ def test_engine_projects_logits_itself_only_where_that_equals_the_model(tiny_bas
         assert split_head(base.model) is not None
         assert torch.allclose(last_logits(base.model, **inputs), expected, rtol=1e-4, atol=1e-5)
 
-        plain_forward = base.model.forward
+        assert split_head(load_base(tiny_base_dirs[arch], dtype=torch.bfloat16).model) is not None  # any dtype
+
+        other = load_base(tiny_base_dirs[arch])  # a new model object: the check is cached per model
+        plain_forward = other.model.forward
 
         def halved(*args, **kwargs):
             out = plain_forward(*args, **kwargs)
             out.logits = out.logits * 0.5
             return out
 
-        assert split_head(load_base(tiny_base_dirs[arch], dtype=torch.bfloat16).model) is not None  # any dtype
-
-        other = load_base(tiny_base_dirs[arch])  # a new model object: the check is cached per model
-        plain_forward = other.model.forward
         other.model.forward = halved
         assert split_head(other.model) is None
         assert torch.allclose(last_logits(other.model, **inputs), expected * 0.5, rtol=1e-4, atol=1e-5)
