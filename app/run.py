@@ -6,7 +6,10 @@
   `celery -A worker.celery_app worker -Q gpu -c 1 --pool solo` (skipped with a warning while
   `worker/celery_app.py` does not exist), each with OMP_NUM_THREADS / TORCH_THREADS set from
   the TORCH_THREADS setting (the API and the worker share the cores).
-- Ctrl-C / SIGTERM are forwarded to both; when either child exits, the other is stopped.
+- Supervises them: a child that exits (OOM, `kill -9`) is started again after 1, 2, 4 ... 30 s
+  (`RestartPolicy`), and a job its worker held resumes from its checkpoint once the job monitor
+  sees the stale heartbeat. A child that exits 5 times within 60 s stops everything (exit 1).
+- Ctrl-C / SIGTERM are forwarded to both, and stop the service (exit 0).
 - `--api-only` / `--worker-only` start one of the two (scale-out: K API replicas, N workers).
 """
 
@@ -17,6 +20,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from app.config import Settings
@@ -48,6 +53,55 @@ def commands(settings: Settings, port: int) -> tuple[list[str], list[str] | None
     return api, worker
 
 
+@dataclass
+class RestartPolicy:
+    """When to start an exited child again. Pure: the caller passes the clock.
+
+    The delay doubles with each exit of a streak (1, 2, 4 ... `max_delay_s`); a child that ran for
+    `window_s` before it exited starts a new streak, so a rare crash costs 1 s, not 30. The
+    `max_exits`-th exit within `window_s` gives up: a child that cannot stay up (a bad setting, a
+    broken install) stops the service rather than crash-looping behind a green terminal."""
+
+    max_exits: int = 5
+    window_s: float = 60.0
+    base_delay_s: float = 1.0
+    max_delay_s: float = 30.0
+    exits: list[float] = field(default_factory=list)
+    streak: int = 0
+
+    def on_exit(self, now: float, started_at: float) -> float | None:
+        """Record an exit at `now` of a child started at `started_at`: the seconds to wait before
+        starting it again, or None to give up."""
+        self.exits = [t for t in self.exits if now - t < self.window_s] + [now]
+        if len(self.exits) >= self.max_exits:
+            return None
+        if now - started_at >= self.window_s:
+            self.streak = 0
+        self.streak += 1
+        return min(self.max_delay_s, self.base_delay_s * 2 ** (self.streak - 1))
+
+
+@dataclass
+class Child:
+    name: str
+    cmd: list[str]
+    policy: RestartPolicy = field(default_factory=RestartPolicy)
+    proc: subprocess.Popen | None = None
+    started_at: float = 0.0
+    restart_at: float | None = None  # set while waiting out the backoff
+
+
+def _say(msg: str) -> None:
+    print(f"prefixd: {msg}", file=sys.stderr, flush=True)
+
+
+def _start(child: Child, env: dict[str, str], cwd: Path) -> None:
+    # a session of its own: Ctrl-C in the terminal reaches only the supervisor, which forwards it
+    child.proc = subprocess.Popen(child.cmd, cwd=cwd, env=env, start_new_session=True)
+    child.started_at = time.monotonic()
+    child.restart_at = None
+
+
 def _stop(procs: list[subprocess.Popen], timeout: float = 20.0) -> None:
     for p in procs:
         if p.poll() is None:
@@ -62,6 +116,34 @@ def _stop(procs: list[subprocess.Popen], timeout: float = 20.0) -> None:
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
+
+
+def supervise(children: list[Child], env: dict[str, str], should_stop: Callable[[], bool],
+              cwd: Path = ROOT, poll_s: float = 0.2) -> int:
+    """Start `children`, restart each one that exits as its policy says, until `should_stop()`
+    (0) or a policy gives up (1). Every child is stopped before this returns."""
+    try:
+        for c in children:
+            _start(c, env, cwd)
+            _say(f"{c.name} started (pid {c.proc.pid})")
+        while not should_stop():
+            now = time.monotonic()
+            for c in children:
+                if c.restart_at is None and c.proc.poll() is not None:
+                    delay = c.policy.on_exit(now, c.started_at)
+                    if delay is None:
+                        _say(f"{c.name} exited ({c.proc.returncode}), {len(c.policy.exits)} times within "
+                             f"{c.policy.window_s:g} s; stopping")
+                        return 1
+                    _say(f"{c.name} exited ({c.proc.returncode}); restarting in {delay:g} s")
+                    c.restart_at = now + delay
+                elif c.restart_at is not None and now >= c.restart_at:
+                    _start(c, env, cwd)
+                    _say(f"{c.name} restarted (pid {c.proc.pid})")
+            time.sleep(poll_s)
+        return 0
+    finally:
+        _stop([c.proc for c in children if c.proc is not None])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,24 +168,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"prefixd: admin key in {settings.data_dir / 'admin_key'}", flush=True)
     env = child_env(settings, key)
     api_cmd, worker_cmd = commands(settings, port)
-    procs: list[subprocess.Popen] = []
-    names: list[str] = []
+    children: list[Child] = []
     if not args.worker_only:
-        procs.append(subprocess.Popen(api_cmd, cwd=ROOT, env=env, start_new_session=True))
-        names.append("API")
+        children.append(Child("API", api_cmd))
     if args.api_only:
         pass
     elif worker_cmd:
-        procs.append(subprocess.Popen(worker_cmd, cwd=ROOT, env=env, start_new_session=True))
-        names.append("worker")
+        children.append(Child("worker", worker_cmd))
     elif args.worker_only:
         print("prefixd: worker/celery_app.py not found", file=sys.stderr, flush=True)
         return 2
     else:
         print("prefixd: worker/celery_app.py not found; starting the API without a worker", file=sys.stderr,
               flush=True)
-    if not args.worker_only:
-        print(f"prefixd: API on http://{settings.host}:{port}  (Ctrl-C stops everything)", flush=True)
 
     stopping = {"sig": None}
 
@@ -112,19 +189,9 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    code = 0
-    try:
-        while stopping["sig"] is None:
-            dead = [p for p in procs if p.poll() is not None]
-            if dead:
-                code = dead[0].returncode or 1
-                print(f"prefixd: {names[procs.index(dead[0])]} exited ({dead[0].returncode}); "
-                      "stopping", file=sys.stderr, flush=True)
-                break
-            time.sleep(0.5)
-    finally:
-        _stop(procs)
-    return 0 if stopping["sig"] is not None else code
+    if not args.worker_only:
+        print(f"prefixd: API on http://{settings.host}:{port}  (Ctrl-C stops everything)", flush=True)
+    return supervise(children, env, lambda: stopping["sig"] is not None)
 
 
 if __name__ == "__main__":
