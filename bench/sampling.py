@@ -20,7 +20,7 @@ import argparse
 
 import torch
 
-from app.ml.generate import DecodeBatch, GenerationRequest, sample_tokens
+from app.ml.generate import DecodeBatch, GenerationRequest, draw_uniforms, sample_tokens
 from app.ml.prefix import table_to_key_values
 from bench.common import best_time, emit, limit_mrs, load_e2e, log
 from bench.mixed_prefix import _adapter_tables, _load_or_build_base
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
     step_ms["greedy"] = best_time(greedy.step, repeats) * 1e3
     for name, settings in SETTINGS.items():
         reqs = [GenerationRequest([1], **settings)] * B
-        vec = best_time(lambda: sample_tokens(logits, reqs, gens), repeats)
+        vec = best_time(lambda: sample_tokens(logits, reqs, draw_uniforms(gens)), repeats)
         row = best_time(lambda: [per_row_sample(logits[i], reqs[i], gens[i]) for i in range(B)], repeats)
         sampling_ms[name] = {"vectorised": round(vec * 1e3, 3), "per_row": round(row * 1e3, 3)}
         ratio[name] = round(row / vec, 2)

@@ -55,6 +55,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from app.api.deps import SessionDep, SettingsDep, TenantDep, bearer_token, hash_key, recently_stopped
 from app.api.errors import APIError, envelope
 from app.api.models import Resolved, get_engine, resolve_model
+from app.ml.generate import MIN_TOP_P, GenerationFailedError
 from app.quotas import charge_tokens_async, check_request_rate_async
 from app.serving.engine import BaseChangedError, EngineNotReadyError, RequestCancelledError
 from app.serving.scheduler import QueueFullError, SchedulerClosedError
@@ -100,7 +101,7 @@ class _Common(BaseModel):
     model_config = ConfigDict(extra="allow")
     model: str = Field(min_length=1, max_length=255)
     temperature: float | None = Field(1.0, ge=0, le=2)
-    top_p: float | None = Field(1.0, gt=0, le=1)
+    top_p: float | None = Field(1.0, ge=MIN_TOP_P, le=1)
     n: int | None = Field(1, ge=1)
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=-(2**62), le=2**62)
@@ -344,7 +345,10 @@ def _engine_error(exc: BaseException) -> APIError:
         return APIError(503, str(exc), code="model_loading", headers={"Retry-After": "5"})
     if isinstance(exc, ValueError):
         return APIError(400, str(exc))
-    return APIError(500, f"Generation failed: {type(exc).__name__}", type="server_error")
+    if isinstance(exc, GenerationFailedError):  # this row alone went bad; the batch went on
+        return APIError(500, f"Generation failed: {exc}", type="server_error", code="generation_failed")
+    return APIError(500, f"Generation failed: {type(exc).__name__}: {exc}", type="server_error",
+                    code="generation_failed")
 
 
 async def _await_results(request: Request, handle) -> list:

@@ -75,6 +75,24 @@ class GenerationResult:
     logprobs: list[TokenLogprob] | None = None
 
 
+class GenerationFailedError(RuntimeError):
+    """One row's decoding went bad (non-finite logits, a sampling fault, a token outside the
+    vocabulary, a forward that fails for it alone). The row ends with this error; its neighbours
+    in the batch go on as if it had never been there."""
+
+
+class SamplingError(ValueError):
+    """Some row of a sampling call has no valid distribution to draw from."""
+
+
+# Below this temperature a row decodes greedily: logits / T overflows float32 for tiny T (1e-38
+# with logits ~1e3), and at 1e-5 sampling already picks the top token but for ties.
+MIN_TEMPERATURE = 1e-5
+# The smallest top_p accepted: at 1e-8 the nucleus still holds the top token in float32; below
+# about 1e-45 p rounds to 0 and the nucleus is empty.
+MIN_TOP_P = 1e-8
+
+
 OnToken = Callable[[int, int, str], None]  # (row, token_id, text_delta)
 ShouldAbort = Callable[[int], bool]  # (row) -> abort?
 
@@ -184,19 +202,31 @@ def partial_stop_len(text: str, stops: list[str]) -> int:
 # sampling
 
 
-def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
-    """The most likely token of each row (the first one on ties, like `argmax`). `max` rather
-    than `argmax`: on CPU it is 3x faster on `[32, 8192]` (75 against 210 us), 5% of a decode step."""
-    return logits.max(-1).indices
+def greedy_tokens(logits: torch.Tensor):
+    """`(values, indices)`: the most likely token of each row (the first one on ties, like
+    `argmax`) and its logit, NaN where the row has a NaN, so one pass also finds the rows whose
+    logits went bad. `max` rather than `argmax`: on CPU it is 3x faster on `[32, 8192]` (75
+    against 210 us), 5% of a decode step."""
+    return logits.max(-1)
 
 
-def sample_tokens(logits: torch.Tensor, requests: list[GenerationRequest], generators: list[torch.Generator]) -> list[int]:
+def draw_uniforms(generators: list[torch.Generator]) -> torch.Tensor:
+    """One uniform in [0, 1) from each row's own generator: what `sample_tokens` turns into a token.
+    Drawn before sampling, so that a sampling step retried row by row (after one row's fault)
+    reuses the same draws and no row's random stream moves."""
+    return torch.stack([torch.rand((), generator=g, device=g.device) for g in generators])
+
+
+def sample_tokens(logits: torch.Tensor, requests: list[GenerationRequest], uniforms: torch.Tensor) -> list[int]:
     """One token for each row of `[R, V]` float logits, under that row's temperature, top_k and
-    top_p, by inverse-CDF sampling with one uniform drawn from the row's own generator.
+    top_p, by inverse-CDF sampling at the row's uniform (`draw_uniforms`).
 
     Vectorised over the rows: per-row `torch.multinomial` cost ~200 us and a top_p sort ~380 us a
     row on CPU, which made a 32-row sampled decode step 2-4x the cost of its forward. A row's token
-    still depends only on its own logits, settings and generator, never on its batch neighbours.
+    still depends only on its own logits, settings and uniform, never on its batch neighbours.
+
+    Raises SamplingError when a row's distribution is not a distribution (NaN, Inf or no mass
+    left after its filters), rather than returning an index past the vocabulary.
     """
     R, V = logits.shape
     x = logits / torch.tensor([r.temperature for r in requests], dtype=logits.dtype, device=logits.device)[:, None]
@@ -211,8 +241,12 @@ def sample_tokens(logits: torch.Tensor, requests: list[GenerationRequest], gener
         ps = torch.tensor([requests[i].top_p for i in nucleus], dtype=logits.dtype, device=logits.device)
         x[rows] = x[rows].masked_fill(~_nucleus(x[rows].softmax(-1).float(), ps.float()), float("-inf"))
     cdf = x.softmax(-1).cumsum(-1)
-    u = torch.stack([torch.rand((), generator=g, device=g.device, dtype=cdf.dtype) for g in generators])
-    ids = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
+    total = cdf[:, -1]
+    bad = ~(torch.isfinite(total) & (total > 0))
+    if bool(bad.any()):
+        raise SamplingError(f"{int(bad.sum())} of {R} rows have no valid next-token distribution")
+    u = uniforms.to(device=cdf.device, dtype=cdf.dtype)
+    ids = torch.searchsorted(cdf, (u * total)[:, None], right=True)[:, 0]
     # u * total can round up to the total: then take the last token of positive probability (the
     # first where the CDF reaches its total)
     last = torch.searchsorted(cdf, cdf[:, -1:].contiguous())[:, 0]
@@ -277,6 +311,13 @@ def _pad_id(base) -> int:
     if pad is None:
         pad = getattr(base.tokenizer, "eos_token_id", None)
     return int(pad) if pad is not None else 0
+
+
+def _embeddable_ids(model) -> int:
+    """How many token ids the model can embed (its logits may cover more: a padded vocabulary)."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    n = getattr(embeddings, "num_embeddings", None)
+    return int(n if n is not None else model.config.vocab_size)
 
 
 def _model_dtype(model) -> torch.dtype:
@@ -374,7 +415,7 @@ class _Row:
         self.stops = [s for s in req.stop if s]
         self.max_stop = max((len(s) for s in self.stops), default=0)
         self.generator = None
-        if req.temperature > 0 and req.top_k != 1:
+        if req.temperature >= MIN_TEMPERATURE and req.top_k != 1:
             # One generator per request: its samples do not depend on its batch neighbours.
             self.generator = torch.Generator(device=device)
             if req.seed is not None:
@@ -425,6 +466,10 @@ def check_request(base, req: GenerationRequest) -> None:
         raise ValueError("prompt must have at least one token")
     if req.max_tokens < 0:
         raise ValueError(f"max_tokens must be >= 0, got {req.max_tokens}")
+    if not req.temperature >= 0:
+        raise ValueError(f"temperature must be >= 0, got {req.temperature}")
+    if not MIN_TOP_P <= req.top_p <= 1:
+        raise ValueError(f"top_p must be between {MIN_TOP_P} and 1, got {req.top_p}")
     check_context(base, len(req.prompt_ids), prefix_length(req.prefix), req.max_tokens)
 
 
@@ -515,6 +560,7 @@ class DecodeBatch:
         self.cache = None
         self.mask: torch.Tensor | None = None  # [rows, slots]: prefix slots and tokens, 0 = padding
         self.logits: torch.Tensor | None = None  # [rows, vocab] float: each row's next-token logits
+        self.vocab = _embeddable_ids(base.model)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -596,33 +642,30 @@ class DecodeBatch:
         self.rows = [self.rows[j] for j in keep]
 
     @torch.inference_mode()
-    def step(self, on_token: OnToken | None = None, should_abort: ShouldAbort | None = None) -> list[tuple[object, GenerationResult]]:
+    def step(self, on_token: OnToken | None = None, should_abort: ShouldAbort | None = None) -> list[tuple[object, object]]:
         """One token for every live row, then one decode forward for the rows that go on.
 
         `on_token(key, token_id, text_delta)` is called for each token; `should_abort(key)` right
         after it, so an aborted row costs no more compute. Returns (key, result) of the rows
-        that finished in this step."""
+        that finished in this step; a row whose decoding went bad finishes with a
+        GenerationFailedError as its result, and the others go on exactly as without it."""
         if not self.rows:
             return []
-        tokenizer, logits = self.base.tokenizer, self.logits
-        sampled = [j for j, row in enumerate(self.rows) if row.generator is not None]
-        # one sync for all greedy rows (none to compute when every row samples)
-        tokens = greedy_tokens(logits).tolist() if len(sampled) < len(self.rows) else [0] * len(self.rows)
-        if sampled:  # one vectorised draw for all sampling rows
-            picks = sample_tokens(logits[sampled], [self.rows[j].req for j in sampled],
-                                  [self.rows[j].generator for j in sampled])
-            for j, tok in zip(sampled, picks):
-                tokens[j] = tok
-        scored = [j for j, row in enumerate(self.rows) if row.logprobs is not None]
+        tokens, failed = self._next_tokens()
+        scored = [j for j, row in enumerate(self.rows) if row.logprobs is not None and j not in failed]
         if scored:
-            for j, entry in zip(scored, token_logprobs(tokenizer, logits[scored], [tokens[j] for j in scored],
+            for j, entry in zip(scored, token_logprobs(self.base.tokenizer, self.logits[scored],
+                                                        [tokens[j] for j in scored],
                                                         [self.rows[j].req.logprobs for j in scored])):
                 self.rows[j].logprobs.append(entry)
         keep, next_ids, done = [], [], []
         for j, row in enumerate(self.rows):
-            req = row.req
+            if j in failed:
+                row.finish = "error"
+                done.append((row.key, failed[j]))
+                continue
             tok = tokens[j]
-            delta = row.advance(tok, tok in self.eos and not req.ignore_eos)
+            delta = row.advance(tok, tok in self.eos and not row.req.ignore_eos)
             if on_token is not None:
                 on_token(row.key, tok, delta)
             if row.finish is None and should_abort is not None and should_abort(row.key):
@@ -634,12 +677,86 @@ class DecodeBatch:
                 done.append((row.key, row.result()))
         self._keep(keep)
         if self.rows:
-            self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], 1)
-            self.logits = last_logits(
-                self.base.model, input_ids=torch.tensor(next_ids, device=self.mask.device)[:, None],
-                attention_mask=self.mask, position_ids=positions_from_mask(self.mask, 1), cache=self.cache,
-                use_cache=True)
+            done += self._decode(next_ids)
         return done
+
+    def _next_tokens(self) -> tuple[list[int], dict[int, GenerationFailedError]]:
+        """Each row's next token, and the rows (by index) that cannot have one: logits that are
+        not finite (a hostile adapter, an overflow), a sampling fault, a token id the model cannot
+        embed. A sampling call that fails is retried row by row with the same uniforms, so that
+        only the rows at fault fail and every other row draws what it would have drawn."""
+        best = greedy_tokens(self.logits)
+        tokens = best.indices.tolist()
+        failed = {j: GenerationFailedError("the next-token logits are not finite (NaN or Inf); the adapter's "
+                                           "values may be corrupt")
+                  for j, ok in enumerate(torch.isfinite(best.values).tolist()) if not ok}
+        sampled = [j for j, row in enumerate(self.rows) if row.generator is not None and j not in failed]
+        if sampled:
+            uniforms = draw_uniforms([self.rows[j].generator for j in sampled])
+            try:
+                picks = dict(zip(sampled, sample_tokens(self.logits[sampled], [self.rows[j].req for j in sampled],
+                                                        uniforms)))
+            except Exception:  # noqa: BLE001 - find the rows at fault
+                picks = {}
+                for i, j in enumerate(sampled):
+                    try:
+                        picks[j] = sample_tokens(self.logits[j : j + 1], [self.rows[j].req], uniforms[i : i + 1])[0]
+                    except Exception as exc:  # noqa: BLE001
+                        failed[j] = GenerationFailedError(f"sampling failed: {type(exc).__name__}: {exc}")
+            for j, tok in picks.items():
+                tokens[j] = tok
+        for j, tok in enumerate(tokens):
+            if j not in failed and not 0 <= tok < self.vocab:
+                failed[j] = GenerationFailedError(f"token id {tok} is outside the model's vocabulary of {self.vocab}")
+        return tokens, failed
+
+    def _decode(self, next_ids: list[int]) -> list[tuple[object, GenerationFailedError]]:
+        """The decode forward of the live rows, each fed its token. When it raises, the cache is
+        put back as it was and each row is run alone to find those it fails for: they leave with
+        the error, and the forward runs again without them. Returns (key, error) of those rows."""
+        lengths = [layer.keys.shape[2] for layer in self.cache.layers]
+        try:
+            self.logits = self._forward(self.cache, self.mask, next_ids)
+            return []
+        except Exception as exc:  # noqa: BLE001
+            if len(self.rows) == 1 or not _plain_layers(self.cache):
+                raise
+            first_error = exc
+        self._restore(lengths)
+        bad: dict[int, Exception] = {}
+        for j in range(len(self.rows)):
+            cache = GenerationCache([(layer.keys[j : j + 1].clone(), layer.values[j : j + 1].clone())
+                                     for layer in self.cache.layers])
+            try:
+                self._forward(cache, self.mask[j : j + 1], next_ids[j : j + 1])
+            except Exception as exc:  # noqa: BLE001
+                bad[j] = exc
+        if not bad:  # no row fails alone: the batch as a whole does (out of memory, ...)
+            raise first_error
+        failed = [(self.rows[j].key, GenerationFailedError(f"the decode step failed: {type(e).__name__}: {e}"))
+                  for j, e in bad.items()]
+        for j in bad:
+            self.rows[j].finish = "error"
+        keep = [j for j in range(len(self.rows)) if j not in bad]
+        self._keep(keep)
+        if self.rows:
+            self.logits = self._forward(self.cache, self.mask, [next_ids[j] for j in keep])
+        return failed
+
+    def _forward(self, cache, mask: torch.Tensor, next_ids: list[int]) -> torch.Tensor:
+        """Next-token logits after feeding one token per row; `mask` gains the token's slot."""
+        mask = torch.cat([mask, mask.new_ones(len(next_ids), 1)], 1)
+        logits = last_logits(self.base.model, input_ids=torch.tensor(next_ids, device=mask.device)[:, None],
+                             attention_mask=mask, position_ids=positions_from_mask(mask, 1), cache=cache,
+                             use_cache=True)
+        if cache is self.cache:
+            self.mask = mask
+        return logits
+
+    def _restore(self, lengths: list[int]) -> None:
+        """Cut each layer back to its length before a failed forward (layers it reached grew by a slot)."""
+        for layer, n in zip(self.cache.layers, lengths):
+            layer.keys, layer.values = layer.keys[:, :, :n], layer.values[:, :, :n]
 
 
 def generate(
@@ -668,6 +785,9 @@ def generate(
     results.update(batch.add([requests[i] for i in start], start))
     while len(batch):
         results.update(batch.step(on_token, should_abort))
+    failed = next((r for r in results.values() if isinstance(r, GenerationFailedError)), None)
+    if failed is not None:
+        raise failed
     return [results[i] for i in range(len(requests))]
 
 

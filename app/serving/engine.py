@@ -516,8 +516,13 @@ class ServingEngine:
             self._finish(key, result)
 
     def _finish(self, key: int, result: Any) -> None:
+        """A row left the batch with its result, or with the error that ended it alone
+        (app.ml.generate.GenerationFailedError: its neighbours go on)."""
         item = self._running.pop(key)
-        if item.cancel_reason:
+        if isinstance(result, BaseException):
+            log.warning("row of tenant %s failed: %s", item.tenant_id, result)
+            item.handle.emit(("error", item.index, result))
+        elif item.cancel_reason:
             item.handle.emit(("error", item.index, RequestCancelledError(item.cancel_reason)))
         else:
             item.handle.emit(("done", item.index, result))
@@ -550,8 +555,9 @@ class ServingEngine:
             self._finish(key, result)
 
     def _fail_running(self, exc: BaseException | None) -> None:
-        """End every running row: with `exc` (after a failed step the batch state is unknown, and
-        tokens already went out, so a rerun would repeat them), or as aborted (`None`, stopping)."""
+        """End every running row: with `exc`, or as aborted (`None`, stopping). A step fails as a
+        whole only where no row fails alone (DecodeBatch isolates those), e.g. out of memory; the
+        batch state is then unknown, and tokens already went out, so a rerun would repeat them."""
         batch, running = self._batch, dict(self._running)
         self._batch, self._batch_served = None, None
         if exc is None and batch is not None and running:

@@ -17,6 +17,7 @@ from app.ml.generate import (
     greedy_tokens,
     max_context,
     partial_stop_len,
+    draw_uniforms,
     sample_tokens,
     score,
 )
@@ -127,7 +128,7 @@ def test_top_k_1_and_tiny_top_p_are_greedy(bases):
 
 def _draws(logits, req, n, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return torch.tensor([sample_tokens(logits[None], [req], [g])[0] for _ in range(n)])
+    return torch.tensor([sample_tokens(logits[None], [req], draw_uniforms([g]))[0] for _ in range(n)])
 
 
 def test_sample_tokens_follows_temperature_top_k_and_top_p():
@@ -163,8 +164,8 @@ def test_sample_tokens_rows_do_not_depend_on_their_neighbours():
     reqs = [GenerationRequest([1], temperature=t, top_k=k, top_p=p)
             for t, k, p in [(1.0, 0, 0.9), (0.7, 40, 1.0), (1.3, 0, 0.95), (1.0, 0, 1.0), (0.9, 5, 0.5), (1.0, 0, 0.3)]]
     for seed in range(20):
-        batch = sample_tokens(logits, reqs, [torch.Generator().manual_seed(seed * 10 + i) for i in range(6)])
-        alone = [sample_tokens(logits[i : i + 1], [reqs[i]], [torch.Generator().manual_seed(seed * 10 + i)])[0]
+        batch = sample_tokens(logits, reqs, draw_uniforms([torch.Generator().manual_seed(seed * 10 + i) for i in range(6)]))
+        alone = [sample_tokens(logits[i : i + 1], [reqs[i]], draw_uniforms([torch.Generator().manual_seed(seed * 10 + i)]))[0]
                  for i in range(6)]
         assert batch == alone
 
@@ -184,9 +185,9 @@ def test_nucleus_equals_the_sorted_definition(V):
 def test_greedy_tokens_is_argmax_with_its_tie_rule():
     logits = torch.randn(64, 512, generator=torch.Generator().manual_seed(0))
     logits[:32, 300] = logits[:32, 7] = 100.0  # ties: the first index wins, as with argmax
-    assert torch.equal(greedy_tokens(logits), logits.argmax(-1))
-    assert greedy_tokens(logits)[:32].eq(7).all()
-    assert int(greedy_tokens(logits[40])) == int(logits[40].argmax())
+    assert torch.equal(greedy_tokens(logits).indices, logits.argmax(-1))
+    assert greedy_tokens(logits).indices[:32].eq(7).all()
+    assert int(greedy_tokens(logits[40]).indices) == int(logits[40].argmax())
 
 
 def test_stop_string_cuts_text_and_stream_matches(bases):
