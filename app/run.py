@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -89,6 +90,32 @@ class Child:
     proc: subprocess.Popen | None = None
     started_at: float = 0.0
     restart_at: float | None = None  # set while waiting out the backoff
+    on_exit: Callable[[int], None] | None = None  # called with the pid of the process that exited
+
+
+def release_jobs_of(settings: Settings) -> Callable[[int], None]:
+    """What to do when a worker process exits: its running jobs are marked stale, so the job
+    monitor requeues them within a pass (seconds) instead of after JOB_STALE_AFTER_S."""
+
+    def release(pid: int) -> None:
+        from app.jobs.state import expire_worker
+        from app.store.db import make_engine, make_session_factory
+
+        try:
+            engine = make_engine(settings.resolved_database_url)
+            try:
+                with make_session_factory(engine)() as s:
+                    n = expire_worker(s, f"{socket.gethostname()}:{pid}:")
+                    s.commit()
+            finally:
+                engine.dispose()
+        except Exception as exc:  # noqa: BLE001 - the heartbeat timeout still recovers the jobs
+            _say(f"could not release the jobs of worker {pid} ({exc}); they are requeued when their heartbeat goes stale")
+            return
+        if n:
+            _say(f"worker {pid} held {n} running job(s); they resume from their last checkpoint")
+
+    return release
 
 
 def _say(msg: str) -> None:
@@ -130,6 +157,8 @@ def supervise(children: list[Child], env: dict[str, str], should_stop: Callable[
             now = time.monotonic()
             for c in children:
                 if c.restart_at is None and c.proc.poll() is not None:
+                    if c.on_exit is not None:
+                        c.on_exit(c.proc.pid)
                     delay = c.policy.on_exit(now, c.started_at)
                     if delay is None:
                         _say(f"{c.name} exited ({c.proc.returncode}), {len(c.policy.exits)} times within "
@@ -174,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.api_only:
         pass
     elif worker_cmd:
-        children.append(Child("worker", worker_cmd))
+        children.append(Child("worker", worker_cmd, on_exit=release_jobs_of(settings)))
     elif args.worker_only:
         print("prefixd: worker/celery_app.py not found", file=sys.stderr, flush=True)
         return 2

@@ -244,6 +244,57 @@ def test_stale_heartbeat_requeues(env):
         assert state.heartbeat(s, job.id, "dead-worker") is False
 
 
+def _lose_worker(env, job_id: str, worker: str, checkpoint_step: int | None = None) -> list[str]:
+    """Claim the job as `worker`, optionally write a checkpoint, then let its heartbeat go stale."""
+    with env.sf() as s:
+        assert state.claim_job(s, job_id, worker, 60)
+        job = s.get(Job, job_id)
+        if checkpoint_step is not None:
+            state.record_checkpoint(s, job, checkpoint_step, {}, None, "ft:x")
+        job.heartbeat_at = time.time() - 5
+        s.commit()
+        ids = state.requeue_stale_jobs(s, stale_after_s=1.0)
+        s.commit()
+        return ids
+
+
+def test_only_losses_without_checkpoint_progress_count_against_the_retry_budget(env):
+    job = env.create({"model": "tiny", "training_file": env.add_file()})
+    # five losses, each after a new checkpoint: infrastructure restarts, not the job's fault
+    for i in range(5):
+        assert _lose_worker(env, job.id, f"w{i}", checkpoint_step=10 * (i + 1)) == [job.id]
+        assert _job(env, job.id).status == "queued"
+    msgs = [e.message for e in _events(env, job.id)]
+    assert "Worker lost; job requeued, resuming from step 50" in msgs
+    # then MAX_ATTEMPTS losses in a row with no new checkpoint: the job is at fault
+    for i in range(state.MAX_ATTEMPTS - 1):
+        assert _lose_worker(env, job.id, f"stuck{i}") == [job.id]
+    assert _lose_worker(env, job.id, "stuck-last") == []
+    j = _job(env, job.id)
+    assert j.status == "failed" and j.error["code"] == "worker_lost", j.error
+
+
+def test_a_job_that_never_checkpoints_fails_after_max_attempts_losses(env):
+    job = env.create({"model": "tiny", "training_file": env.add_file()})
+    for i in range(state.MAX_ATTEMPTS - 1):
+        assert _lose_worker(env, job.id, f"w{i}") == [job.id]
+    assert "Worker lost; job requeued, resuming from the start (no checkpoint yet)" in [
+        e.message for e in _events(env, job.id)]
+    assert _lose_worker(env, job.id, "last") == [] and _job(env, job.id).status == "failed"
+
+
+def test_the_jobs_of_a_worker_known_dead_are_requeued_at_the_next_monitor_pass(env):
+    a = env.create({"model": "tiny", "training_file": env.add_file()})
+    b = env.create({"model": "tiny", "training_file": env.add_file()})
+    with env.sf() as s:
+        assert state.claim_job(s, a.id, "host:123:abcd", 60) and state.claim_job(s, b.id, "host:1234:ef", 60)
+        assert state.expire_worker(s, "host:123:") == 1  # not host:1234
+        s.commit()
+    env.sent.clear()
+    assert check_once(env.ctx) == [a.id] and env.sent == [a.id]  # heartbeats are fresh: only a's went
+    assert _job(env, a.id).status == "queued" and _job(env, b.id).status == "running"
+
+
 # ----------------------------------------------------------------------------- running
 
 
@@ -371,9 +422,13 @@ def test_dead_worker_job_resumes_from_checkpoint(env, monkeypatch):
     msgs = [e.message for e in _events(env, job.id)]
     assert any(m.startswith("Resuming from checkpoint step-") for m in msgs)
     assert any("Worker lost; job requeued" in m for m in msgs)
+    ckpt_step = seen[-1]
+    assert f"Worker lost; job requeued, resuming from step {ckpt_step}" in msgs
     first_resumed_metrics = [e.data["step"] for e in _events(env, job.id) if e.type == "metrics"]
     # the resumed run continued after the checkpoint step rather than from step 1
     assert first_resumed_metrics.count(1) == 1
+    # the steps it redid after the checkpoint are not reported twice
+    assert first_resumed_metrics == sorted(set(first_resumed_metrics))
 
 
 def test_training_error_fails_cleanly(env, monkeypatch):

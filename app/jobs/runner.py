@@ -32,7 +32,7 @@ from app.jobs.context import JobContext, default_context
 from app.jobs.data import DataError, eval_subset, holdout_split, read_corpus, read_jsonl, results_csv
 from app.jobs.service import fine_tuned_model_id, new_base_id
 from app.ml.callbacks import Progress, TrainingCallbacks
-from app.store.models import File, Job, ModelRecord, Tenant, new_id
+from app.store.models import File, Job, JobEvent, ModelRecord, Tenant, new_id
 
 log = logging.getLogger("prefixd.jobs")
 
@@ -235,6 +235,8 @@ class JobCallbacks(TrainingCallbacks):
         self._last_write = 0.0
         self.last_progress: Progress | None = None
         self.stop_reason: str | None = None
+        # a resumed run redoes the steps after its checkpoint: their metrics events are already there
+        self._recorded_step = recorded_metrics_step(run)
 
     def should_stop(self) -> bool:
         if self.run.lost.is_set():
@@ -254,8 +256,9 @@ class JobCallbacks(TrainingCallbacks):
     def on_progress(self, p: Progress) -> None:
         self.last_progress = p
         final = p.step >= p.total_steps
-        if p.step - self._last_metrics_step >= METRICS_EVERY_STEPS or final or self._last_metrics_step < 0:
-            self._last_metrics_step = p.step
+        due = p.step - self._last_metrics_step >= METRICS_EVERY_STEPS or final or self._last_metrics_step < 0
+        if due and p.step > self._recorded_step:
+            self._last_metrics_step = self._recorded_step = p.step
             data = {"step": p.step, "total_steps": p.total_steps, "epoch": p.epoch,
                     "train_loss": _num(p.train_loss), "valid_loss": _num(p.valid_loss),
                     "tokens_per_s": _num(p.tokens_per_s), "trained_tokens": p.trained_tokens,
@@ -287,6 +290,14 @@ class JobCallbacks(TrainingCallbacks):
             job = s.get(Job, self.run.job_id)
             state.record_checkpoint(s, job, step, clean, blob_prefix, self.model_id)
             s.commit()
+
+
+def recorded_metrics_step(run: JobRun) -> int:
+    """The last step with a metrics event (-1 for none): events are deduplicated by step."""
+    with run.session() as s:
+        data = s.scalars(select(JobEvent.data).where(JobEvent.job_id == run.job_id, JobEvent.type == "metrics")
+                         .order_by(JobEvent.seq.desc()).limit(1)).first()
+    return int(data["step"]) if isinstance(data, dict) and isinstance(data.get("step"), int) else -1
 
 
 def _num(x):

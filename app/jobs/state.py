@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from app.store.models import File, Job, JobCheckpoint, JobEvent, Tenant, now
@@ -29,7 +29,8 @@ ACTIVE = (VALIDATING, QUEUED, RUNNING)
 TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
 STATUSES = ACTIVE + TERMINAL
 
-# A job that killed this many workers is failed instead of being handed to another one.
+# A job whose workers were lost this many times in a row, with no new checkpoint in between, is
+# failed instead of being handed to another worker: it is the likely cause (OOM at its first step).
 MAX_ATTEMPTS = 3
 
 
@@ -153,36 +154,68 @@ def request_cancel(session: Session, job: Job) -> Job:
 
 def requeue_stale_jobs(session: Session, stale_after_s: float) -> list[str]:
     """Running jobs whose heartbeat is older than `stale_after_s` (their worker died): put them back
-    to queued so the next worker resumes them from their last checkpoint; cancel those that were
-    being cancelled; fail those that already killed MAX_ATTEMPTS workers. Returns the ids to enqueue
-    (the caller commits first)."""
+    to queued so the next worker resumes them from their last checkpoint (see `requeue_lost`).
+    Returns the ids to enqueue (the caller commits first)."""
     cutoff = time.time() - stale_after_s
-    stale = session.scalars(
-        select(Job).where(Job.status == RUNNING, or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < cutoff))
-    ).all()
+    stale = or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < cutoff)
+    jobs = session.scalars(select(Job).where(Job.status == RUNNING, stale)).all()
+    return requeue_lost(session, jobs, stale)
+
+
+def expire_worker(session: Session, worker_id_prefix: str) -> int:
+    """Mark the running jobs of a worker known to be dead (its supervisor saw it exit) as stale at
+    once, so that the next monitor pass requeues them (`requeue_stale_jobs`) instead of waiting
+    out `job_stale_after_s`. Worker ids are `host:pid:random`, so `host:pid:` names one process.
+    Returns how many; the caller commits."""
+    res = session.execute(update(Job).where(Job.status == RUNNING,
+                                            Job.worker_id.startswith(worker_id_prefix, autoescape=True))
+                          .values(heartbeat_at=0.0).execution_options(synchronize_session=False))
+    return res.rowcount
+
+
+def requeue_lost(session: Session, jobs: list[Job], still_lost) -> list[str]:
+    """Jobs whose worker is gone: back to queued, to resume from their last checkpoint; cancelled if
+    they were being cancelled; failed once MAX_ATTEMPTS workers in a row were lost with no new
+    checkpoint between them. Only such losses count: a job that keeps checkpointing is not at
+    fault for restarts of the infrastructure (deploys, OOM kills elsewhere, a supervisor restart).
+    `still_lost` is the condition that found them, re-checked in each compare-and-set."""
     to_enqueue = []
-    for job in stale:
-        still_stale = and_(Job.status == RUNNING, Job.worker_id == job.worker_id,
-                           or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < cutoff))
+    for job in jobs:
+        step, strikes = _resume_point(session, job)
         if job.cancel_requested:
             values = dict(status=CANCELLED, finished_at=now(), estimated_finish=None, worker_id=None)
             msg, level = "Worker lost while cancelling; job cancelled", "warning"
-        elif job.attempts >= MAX_ATTEMPTS:
+        elif strikes >= MAX_ATTEMPTS:
             values = dict(status=FAILED, finished_at=now(), estimated_finish=None, worker_id=None,
                           error={"code": "worker_lost", "param": None,
-                                 "message": f"The job's worker stopped responding {job.attempts} times"})
-            msg, level = f"Worker lost {job.attempts} times; job failed", "error"
+                                 "message": f"The job's worker stopped responding {strikes} times in a row "
+                                            "without reaching a new checkpoint"})
+            msg, level = f"Worker lost {strikes} times without progress; job failed", "error"
         else:
             values = dict(status=QUEUED, worker_id=None)
-            msg, level = "Worker lost; job requeued, it resumes from its last checkpoint", "warning"
-        res = session.execute(update(Job).where(Job.id == job.id, still_stale).values(**values)
+            where = f"step {step}" if step else "the start (no checkpoint yet)"
+            msg, level = f"Worker lost; job requeued, resuming from {where}", "warning"
+        res = session.execute(update(Job).where(Job.id == job.id, Job.status == RUNNING,
+                                                Job.worker_id == job.worker_id, still_lost).values(**values)
                               .execution_options(synchronize_session=False))
         if res.rowcount == 1:
-            add_event(session, job, msg, level=level)
+            add_event(session, job, msg, level=level, data={"worker_lost": True, "resume_step": step})
             log.warning("job %s: %s", job.id, msg)
             if values["status"] == QUEUED:
                 to_enqueue.append(job.id)
     return to_enqueue
+
+
+def _resume_point(session: Session, job: Job) -> tuple[int, int]:
+    """(newest checkpoint step or 0, losses in a row without progress, this one included). Each loss
+    event records the step it resumes from: the first loss that names step N > 0 followed the
+    attempt that reached N, and every further one, like any loss before a first checkpoint, got
+    no further."""
+    step = session.scalar(select(func.max(JobCheckpoint.step_number)).where(JobCheckpoint.job_id == job.id)) or 0
+    events = session.scalars(select(JobEvent.data).where(
+        JobEvent.job_id == job.id, JobEvent.level.in_(("warning", "error")))).all()
+    before = sum(1 for d in events if isinstance(d, dict) and d.get("worker_lost") and d.get("resume_step") == step)
+    return step, before + (0 if step > 0 else 1)
 
 
 def record_checkpoint(session: Session, job: Job, step: int, metrics: dict, blob_key: str | None,

@@ -20,8 +20,9 @@ from tests.integration.test_jobs import rows, small, upload, wait_status
 
 pytestmark = pytest.mark.integration
 
-# short heartbeats, so that the job of the killed worker is requeued within seconds
-JOB_ENV = {"JOB_HEARTBEAT_S": "0.5", "JOB_STALE_AFTER_S": "4", "JOB_MONITOR_INTERVAL_S": "0.5"}
+# a heartbeat timeout far beyond the test's deadlines: the killed worker's job must be requeued
+# because the supervisor saw its worker exit, not because its heartbeat went stale
+JOB_ENV = {"JOB_HEARTBEAT_S": "0.5", "JOB_STALE_AFTER_S": "600", "JOB_MONITOR_INTERVAL_S": "0.5"}
 
 
 def run_and_stop(tmp_path, tiny_base_dirs, args: list[str], worker: bool, env_extra: dict | None = None,
@@ -103,6 +104,11 @@ def kill_worker_mid_job(base: str, key: str, log: Path) -> None:
     msgs = [e["message"] for e in client.get(f"/v1/fine_tuning/jobs/{job['id']}/events",
                                              params={"limit": 100}).json()["data"]]
     assert any(m.startswith("Resuming from checkpoint") for m in msgs), msgs
+    assert any(m.startswith("Worker lost; job requeued, resuming from step ") for m in msgs), msgs
+    assert "held 1 running job(s)" in log.read_text()
+    steps = [e["data"]["step"] for e in client.get(f"/v1/fine_tuning/jobs/{job['id']}/events",
+                                                   params={"limit": 100}).json()["data"] if e["type"] == "metrics"]
+    assert len(steps) == len(set(steps)), steps  # the steps redone after the checkpoint are reported once
     assert done["fine_tuned_model"]
     admin.close()
     client.close()
