@@ -26,7 +26,9 @@ O(tenants x 60) either way. If Redis cannot be reached when a request is checked
 refused with 503 + `Retry-After` (`rate_limiter_unavailable`), never admitted unmetered.
 Tokens are charged when the request is admitted: the prompt tokens plus `max_tokens` for every
 choice (what the request may use, as OpenAI's rate limiter estimates it), so a request's charge is
-known before any work is done.
+known before any work is done. A prompt refused for its size or the context is charged as well,
+capped at the limit (its tokens, or one per character before tokenizing: `_charge_refused` in
+app/api/completions.py), so oversized bodies spend the tenant's budget rather than nothing.
 
 Stock quotas are checked against the database counts inside the transaction that inserts the new
 row, after `lock_tenant` has serialised the tenant's writers (PostgreSQL: `SELECT ... FOR UPDATE`

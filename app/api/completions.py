@@ -21,7 +21,18 @@ Other OpenAI parameters, decided one by one:
 - anything else is a 400 naming it ("Unrecognized request argument").
 
 Limits (settings): MAX_PROMPT_TOKENS, MAX_COMPLETION_TOKENS (`max_tokens` above it is a 400,
-never clamped), MAX_N, MAX_STOP_STRINGS, MAX_STOP_STRING_CHARS, MAX_CLASSIFY_LABELS. Quotas
+never clamped), MAX_N, MAX_STOP_STRINGS, MAX_STOP_STRING_CHARS, MAX_CLASSIFY_LABELS; prompts x n
+at most max(MAX_N, MAX_BATCH_SIZE). Sizes are checked before anything is tokenized, so a body costs about
+what parsing it cost: prompts x n from the body's shape; a token-id prompt's length against the
+prompt limit (MAX_PROMPT_TOKENS, or the base's positions if fewer); a text (prompt, chat messages
+with their roles, classify input and labels) against that limit x the tokenizer's longest token
+in characters (`max_token_chars`: no token covers more characters than its own string, so a
+longer text cannot fit); at most that many chat messages. A prompt refused for its size or
+context is charged to tokens_per_minute before its 400 (capped at the tenant's limit): its token
+count when it was tokenized, else one token per character or token id, at least one per prompt;
+if the window has no room for that charge the answer is the quota's 429. Chat `content` is a
+string, null, or a list of text parts (concatenated); any other part (`image_url`, ...) is a 400
+naming it (`messages[i].content[j]`). Quotas
 (`app/quotas.py`): every request counts against the tenant's requests_per_minute, and its prompt
 tokens + max_tokens x choices against tokens_per_minute (429 with Retry-After when over; shared by
 every replica through Redis in distributed mode, 503 `rate_limiter_unavailable` when Redis cannot be
@@ -44,6 +55,7 @@ import asyncio
 import json
 import secrets
 import time
+import weakref
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
@@ -268,6 +280,127 @@ def check_context(served, prompt_tokens: int, prefix_tokens: int, max_tokens: in
             param=param, code="context_length_exceeded")
 
 
+class RefusedPrompt(APIError):
+    """A 4xx for a prompt refused before it is served. The route charges `charge` tokens to the
+    tenant's tokens_per_minute before answering, so refused bodies spend the same budget as served
+    ones (see `_charge_refused`)."""
+
+    def __init__(self, message: str, *, charge: int, param: str = "prompt", code: str | None = None):
+        super().__init__(400, message, param=param, code=code)
+        self.charge = max(0, int(charge))
+
+
+_TOKEN_CHARS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def max_token_chars(tokenizer) -> int:
+    """The most characters one token of `tokenizer` stands for: its longest token string, special
+    and added tokens included (computed once per tokenizer). A byte-level BPE token's string has one
+    character per byte and a SentencePiece piece one per character, so a text of more than
+    limit x this characters cannot encode to `limit` tokens and is refused without tokenizing it."""
+    try:
+        return _TOKEN_CHARS[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    try:
+        tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+        longest = max((len(t) for t in tokens if isinstance(t, str)), default=1)
+    except Exception:  # noqa: BLE001 - a tokenizer without the API: a generous fixed bound
+        longest = 64
+    longest = max(1, int(longest))
+    try:
+        _TOKEN_CHARS[tokenizer] = longest
+    except TypeError:
+        pass
+    return longest
+
+
+def prompt_token_limit(served, settings) -> int:
+    """No prompt may have more tokens than this: MAX_PROMPT_TOKENS, or the base's positions."""
+    return min(int(settings.max_prompt_tokens), int(served.base.geometry.max_positions))
+
+
+def refused_charge(prompt) -> int:
+    """What a refused `prompt` is charged: one token per character of text or per token id, at
+    least one per prompt. Counting needs no tokenizer, so it costs what parsing the body cost."""
+    if isinstance(prompt, str):
+        return max(1, len(prompt))
+    if not prompt or isinstance(prompt[0], int):
+        return len(prompt)
+    # C-speed over 300,000 items: the lengths, plus one for each empty prompt
+    return sum(map(len, prompt)) + prompt.count("" if isinstance(prompt[0], str) else [])
+
+
+def prompt_count(prompt) -> int:
+    """How many prompts `prompt` holds (one string, a list of strings, one token-id list, or a list
+    of token-id lists), from its shape alone."""
+    if isinstance(prompt, str) or not prompt:
+        return 1 if isinstance(prompt, str) else 0
+    return 1 if isinstance(prompt[0], int) else len(prompt)
+
+
+def check_rows(prompts: int, n: int, settings) -> None:
+    """prompts x n within max(MAX_N, MAX_BATCH_SIZE); raises `RefusedPrompt` without a charge (the
+    caller sets it)."""
+    rows = prompts * n
+    limit = max(settings.max_n, settings.max_batch_size)
+    if rows > limit:
+        raise RefusedPrompt(f"At most {limit} choices per request (prompts x n), got {rows}", charge=0)
+
+
+def check_text_length(text: str, token_limit: int, chars_per_token: int, *, param: str = "prompt") -> None:
+    """Refuse, before tokenizing, a text too long to fit `token_limit` tokens (see `max_token_chars`)."""
+    limit = token_limit * chars_per_token
+    if len(text) > limit:
+        raise RefusedPrompt(
+            f"The {param} has {len(text)} characters, more than {token_limit} tokens (MAX_PROMPT_TOKENS or the "
+            f"model's context) can hold with this tokenizer (at most {chars_per_token} characters per token): "
+            f"at most {limit} characters", charge=len(text), param=param, code="context_length_exceeded")
+
+
+def message_text(content, index: int) -> str:
+    """A chat message's content as text: a string, null, or a list of text parts
+    (`{"type": "text", "text": ...}`, concatenated with no separator, as `app.ml.data.format_chat`
+    joins them in training files). Any other part (`image_url`, `input_audio`, `file`, ...) is a 400
+    naming it: the served bases read text only, and dropping the part would answer another question."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    texts = []
+    for j, part in enumerate(content):
+        kind = part.get("type")
+        if kind != "text":
+            raise APIError(400, f"Content parts of type {kind!r} are not supported: only text parts "
+                                f"({{\"type\": \"text\", \"text\": ...}})", param=f"messages[{index}].content[{j}]",
+                           code="unsupported_content_part")
+        text = part.get("text")
+        if not isinstance(text, str):
+            raise APIError(400, "A text part needs 'text', a string", param=f"messages[{index}].content[{j}].text")
+        texts.append(text)
+    return "".join(texts)
+
+
+async def _charge_refused(request: Request, tenant, settings, err: APIError) -> None:
+    """Charge a refused prompt (`RefusedPrompt.charge`, capped at the tenant's tokens_per_minute so
+    that an oversized body spends the minute rather than nothing) before its 4xx goes out. When the
+    window has no room for it the answer is the quota's 429, which also names the refusal. A rate
+    limiter that cannot be reached leaves the 400: nothing is served, so nothing goes unmetered."""
+    from app.quotas import QuotaExceeded, RateLimiterUnavailable, limit_of
+
+    charge = getattr(err, "charge", 0)
+    if not charge:
+        return
+    limit = limit_of(tenant, settings, "tokens_per_minute")
+    try:
+        await charge_tokens_async(request, tenant, min(charge, limit) if limit else charge)
+    except QuotaExceeded as q:
+        q.message = f"{q.message} (and the request was refused: {err.message})"
+        raise q from None
+    except RateLimiterUnavailable:
+        pass
+
+
 def _prompt_ids(tokenizer, text: str) -> list[int]:
     from app.ml.data import encode_prompt
 
@@ -280,16 +413,24 @@ def _prompt_ids(tokenizer, text: str) -> list[int]:
     return ids
 
 
-def _completion_prompts(body: CompletionCreate, tokenizer) -> list[list[int]]:
+def _completion_prompts(body: CompletionCreate, tokenizer, token_limit: int) -> list[list[int]]:
+    """The prompts as token ids. Every length is checked before anything is tokenized or scanned:
+    a text against `check_text_length`, a token-id list against `token_limit`."""
     p = body.prompt
     vocab = len(tokenizer)
-    if isinstance(p, str):
-        return [_prompt_ids(tokenizer, p)]
-    if not p:
+    if not isinstance(p, str) and not p:
         raise APIError(400, "prompt must not be an empty list", param="prompt")
-    if all(isinstance(x, str) for x in p):
-        return [_prompt_ids(tokenizer, x) for x in p]
-    lists = [p] if all(isinstance(x, int) for x in p) else p
+    texts = [p] if isinstance(p, str) else p if isinstance(p[0], str) else None
+    if texts is not None:
+        chars = max_token_chars(tokenizer)
+        for text in texts:
+            check_text_length(text, token_limit, chars)
+        return [_prompt_ids(tokenizer, x) for x in texts]
+    lists = [p] if isinstance(p[0], int) else p
+    for ids in lists:
+        if len(ids) > token_limit:
+            raise RefusedPrompt(f"The prompt has {len(ids)} tokens, over the limit of {token_limit} (MAX_PROMPT_TOKENS "
+                                "or the model's context)", charge=len(ids), code="context_length_exceeded")
     out = []
     for ids in lists:
         if not ids:
@@ -484,22 +625,32 @@ async def create_completion(body: CompletionCreate, request: Request, tenant: Te
     check_params(body, settings, chat=False)
     max_tokens = 16 if body.max_tokens is None else body.max_tokens
     check_max_tokens(max_tokens, settings)
+    n = body.n or 1
+    try:  # from the body's shape: 300,000 one-character prompts are refused before any is tokenized
+        check_rows(prompt_count(body.prompt), n, settings)
+    except RefusedPrompt as e:
+        e.charge = refused_charge(body.prompt)
+        await _charge_refused(request, tenant, settings, e)
+        raise
     engine = get_engine(request)
 
     def prepare():
         resolved = resolve_model(session, engine, tenant.id, body.model)
         tokenizer = resolved.served.base.tokenizer
-        prompts = _completion_prompts(body, tokenizer)
-        rows = len(prompts) * (body.n or 1)
-        limit = max(settings.max_n, settings.max_batch_size)
-        if rows > limit:
-            raise APIError(400, f"At most {limit} choices per request (prompts x n), got {rows}", param="prompt")
-        for ids in prompts:
-            check_context(resolved.served, len(ids), resolved.num_virtual_tokens, max_tokens, settings)
+        prompts = _completion_prompts(body, tokenizer, prompt_token_limit(resolved.served, settings))
+        try:
+            for ids in prompts:
+                check_context(resolved.served, len(ids), resolved.num_virtual_tokens, max_tokens, settings)
+        except APIError as e:
+            e.charge = sum(len(p) for p in prompts)  # tokenized, then refused: charged what it was
+            raise
         return resolved, prompts
 
-    resolved, prompts = await run_in_threadpool(_then_close, session, prepare)
-    n = body.n or 1
+    try:
+        resolved, prompts = await run_in_threadpool(_then_close, session, prepare)
+    except APIError as e:
+        await _charge_refused(request, tenant, settings, e)
+        raise
     await charge_tokens_async(request, tenant, sum(len(p) for p in prompts) + max_tokens * n * len(prompts))
     requests = _gen_requests(prompts, resolved, body, max_tokens, body.logprobs)
     handle = _submit(engine, request, tenant.id, requests, resolved.served.fingerprint, bool(body.stream))
@@ -549,6 +700,9 @@ async def create_chat_completion(body: ChatCompletionCreate, request: Request, t
                          "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens")
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+    messages = [{"role": m.role, "content": message_text(m.content, i)} for i, m in enumerate(body.messages)]
+    # what the template renders at least (roles and contents), checked before it renders anything
+    chars = sum(max(1, len(m["role"]) + len(m["content"])) for m in messages)
     engine = get_engine(request)
 
     def prepare():
@@ -556,22 +710,41 @@ async def create_chat_completion(body: ChatCompletionCreate, request: Request, t
 
         resolved = resolve_model(session, engine, tenant.id, body.model)
         tokenizer = resolved.served.base.tokenizer
+        token_limit = prompt_token_limit(resolved.served, settings)
+        if len(messages) > token_limit:  # each renders at least its role: one token or more
+            raise RefusedPrompt(f"At most {token_limit} messages (MAX_PROMPT_TOKENS or the model's context), got "
+                                f"{len(messages)}", charge=chars, param="messages", code="context_length_exceeded")
+        per_token = max_token_chars(tokenizer)
+        if chars > token_limit * per_token:
+            raise RefusedPrompt(f"The messages have {chars} characters, more than {token_limit} tokens (MAX_PROMPT_TOKENS "
+                                f"or the model's context) can hold with this tokenizer (at most {per_token} characters "
+                                f"per token): at most {token_limit * per_token} characters", charge=chars,
+                                param="messages", code="context_length_exceeded")
         try:
-            text = format_chat([m.model_dump() for m in body.messages], tokenizer, add_generation_prompt=True)
+            text = format_chat(messages, tokenizer, add_generation_prompt=True)
         except Exception as e:  # noqa: BLE001 - a template that rejects the messages
             raise APIError(400, f"The messages cannot be formatted: {e}", param="messages") from None
+        check_text_length(text, token_limit, per_token, param="messages")
         ids = _prompt_ids(tokenizer, text)
         P = resolved.num_virtual_tokens
         max_tokens = requested
-        if max_tokens is None:
-            room = int(resolved.served.base.geometry.max_positions) - len(ids) - P
-            max_tokens = max(0, min(settings.max_completion_tokens, room))
-            if max_tokens == 0:
-                check_context(resolved.served, len(ids), P, 1, settings, param="messages")
-        check_context(resolved.served, len(ids), P, max_tokens, settings, param="messages")
+        try:
+            if max_tokens is None:
+                room = int(resolved.served.base.geometry.max_positions) - len(ids) - P
+                max_tokens = max(0, min(settings.max_completion_tokens, room))
+                if max_tokens == 0:
+                    check_context(resolved.served, len(ids), P, 1, settings, param="messages")
+            check_context(resolved.served, len(ids), P, max_tokens, settings, param="messages")
+        except APIError as e:
+            e.charge = len(ids)  # tokenized, then refused: charged what it was
+            raise
         return resolved, ids, max_tokens
 
-    resolved, ids, max_tokens = await run_in_threadpool(_then_close, session, prepare)
+    try:
+        resolved, ids, max_tokens = await run_in_threadpool(_then_close, session, prepare)
+    except APIError as e:
+        await _charge_refused(request, tenant, settings, e)
+        raise
     n = body.n or 1
     await charge_tokens_async(request, tenant, len(ids) + max_tokens * n)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
@@ -635,15 +808,27 @@ async def classify(body: ClassifyCreate, request: Request, tenant: TenantDep, se
     def prepare():
         resolved = resolve_model(session, engine, tenant.id, body.model)
         tok = resolved.served.base.tokenizer
+        token_limit, per_token = prompt_token_limit(resolved.served, settings), max_token_chars(tok)
+        check_text_length(body.input, token_limit, per_token, param="input")
+        for label in labels:
+            check_text_length(label, token_limit, per_token, param="labels")
         ids = _prompt_ids(tok, body.input)
         label_ids = [list(tok(label, add_special_tokens=False)["input_ids"]) for label in labels]
         if any(not x for x in label_ids):
             raise APIError(400, "every label must encode to at least one token", param="labels")
-        check_context(resolved.served, len(ids) + max(len(x) for x in label_ids), resolved.num_virtual_tokens, 0,
-                      settings, param="input")
+        try:
+            check_context(resolved.served, len(ids) + max(len(x) for x in label_ids), resolved.num_virtual_tokens,
+                          0, settings, param="input")
+        except APIError as e:
+            e.charge = len(ids) + sum(len(x) for x in label_ids)  # tokenized, then refused
+            raise
         return resolved, ids, label_ids
 
-    resolved, ids, label_ids = await run_in_threadpool(_then_close, session, prepare)
+    try:
+        resolved, ids, label_ids = await run_in_threadpool(_then_close, session, prepare)
+    except APIError as e:
+        await _charge_refused(request, tenant, settings, e)
+        raise
     await charge_tokens_async(request, tenant, len(ids) * len(labels) + sum(len(x) for x in label_ids))
     prefix = resolved.prefix
 

@@ -4,6 +4,7 @@ The body is limited while it streams (see `app/api/middleware.py`); the multipar
 the part to a temporary file (never the whole body in memory), and the file's exact size is
 checked against `MAX_UPLOAD_BYTES` before it is stored under `files/{tenant_id}/{file_id}`.
 Validation runs after the response, in a worker thread: `uploaded` -> `processed` | `error`.
+An upload has exactly one `file` part and one `purpose` part: a repeated one is a 400 naming it.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import os
 import threading
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, BackgroundTasks, Form, Query, Request, UploadFile
+from fastapi import APIRouter, BackgroundTasks, Depends, Form, Query, Request, UploadFile
 from fastapi import File as FileParam
 from fastapi.responses import StreamingResponse
 from sqlalchemy import and_, or_, select
@@ -132,10 +133,22 @@ def revalidate_pending(app) -> None:
 
 # ---- routes ----
 
+async def single_parts(request: Request) -> None:
+    """400 for an upload that repeats `file` or `purpose`: the form would keep only the last one,
+    storing a file the client did not mean (or did not know it sent). FastAPI has parsed the form
+    before dependencies run; `request.form()` returns that parse."""
+    form = await request.form()
+    for name in ("file", "purpose"):
+        count = len(form.getlist(name))
+        if count > 1:
+            raise APIError(400, f"Send one '{name}' part per upload, got {count}", param=name)
+
+
 @router.post("", response_model=FileObject)
 def upload_file(
     request: Request,
     tenant: TenantDep,
+    _one_each: Annotated[None, Depends(single_parts)],
     session: SessionDep,
     blobs: BlobsDep,
     settings: SettingsDep,

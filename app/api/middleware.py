@@ -5,6 +5,8 @@
   `scope["request_id"]` for logs.
 - Request bodies are limited while they stream: a `Content-Length` over the limit is refused
   with 413 before the body is read, and a chunked body is counted as it arrives (413 once over).
+  A malformed `Content-Length` is a 400 here only under a server that passes it through: uvicorn's
+  parser refuses it first with its own plain-text 400 (docs/SERVICE_CONTRACT.md, "HTTP framing").
   Uploads get their setting plus room for multipart framing (routes check the exact size);
   every other route gets `DEFAULT_BODY_LIMIT`.
 - Metrics are keyed by the route template (`/v1/files/{file_id}`), never the raw path.
