@@ -87,6 +87,14 @@ class Settings(BaseSettings):
     max_running_jobs_per_tenant: int = 2
     # seconds between the periodic checks (stale heartbeats, jobs waiting for file validation)
     job_monitor_interval_s: float = 2.0
+    # a file still `uploaded` this long after its upload has lost its validator (the replica that
+    # accepted it died): the monitor claims it and validates it. Longer than validating the
+    # largest upload takes, so that the accepting replica is not raced
+    file_validation_grace_s: float = Field(default=60.0, gt=0)
+    # blobs that no row refers to, and half-written uploads, are deleted by the monitor once this
+    # old (a crash between storing a blob and committing its row leaves them). Longer than any
+    # upload takes, so that a blob being written is never taken for an orphan; 0 turns it off
+    orphan_blob_grace_s: float = Field(default=3600.0, ge=0)
 
     @field_validator("device")
     @classmethod

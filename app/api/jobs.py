@@ -161,7 +161,8 @@ async def lifespan(app):
     monitor = None
     st = app.state
     if getattr(st, "session_factory", None) is not None:
-        ctx = JobContext(st.settings, st.session_factory, st.blobs)
+        # the app: files the monitor validates (app.jobs.recovery) count tokens with the served tokenizer
+        ctx = JobContext(st.settings, st.session_factory, st.blobs, extra={"app": app})
         st.jobs_context = ctx
         monitor = Monitor(ctx).start()
     try:

@@ -10,6 +10,8 @@ compare-and-set, so any number of them can run at once.
    queued and enqueued; the next worker resumes from the last checkpoint.
 3. queued jobs that were sent long ago (`REKICK_AFTER_S`) and never picked up, e.g. a message
    lost with a broker that was wiped: sent again (duplicates are harmless: the claim is a CAS).
+4. (first) files left `uploaded` by a replica that died before validating them, and (last, every
+   `sweep_interval_s`) orphan blobs: see `app.jobs.recovery`.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import time
 
 from sqlalchemy import or_, select, update
 
-from app.jobs import state
+from app.jobs import recovery, state
 from app.jobs.context import JobContext
 from app.jobs.service import promote_validating
 from app.store.models import Job
@@ -35,6 +37,7 @@ def rekick_after_s(settings) -> float:
 def check_once(ctx: JobContext) -> list[str]:
     """One pass; returns the job ids it (re-)enqueued."""
     settings = ctx.settings
+    _guarded("file recovery", recovery.recover_uploaded_files, ctx)
     with ctx.session_factory() as s:
         ids = promote_validating(s)
         ids += state.requeue_stale_jobs(s, settings.job_stale_after_s)
@@ -52,7 +55,16 @@ def check_once(ctx: JobContext) -> list[str]:
         s.commit()
     for job_id in ids:
         send(ctx, job_id)
+    _guarded("orphan blob sweep", recovery.maybe_sweep_orphans, ctx)
     return ids
+
+
+def _guarded(what: str, step, ctx) -> None:
+    """A recovery step that fails is logged and retried next pass; the job steps still run."""
+    try:
+        step(ctx)
+    except Exception:
+        log.warning("%s failed; retried at the next pass", what, exc_info=True)
 
 
 def send(ctx: JobContext, job_id: str, countdown: float | None = None) -> bool:

@@ -8,6 +8,9 @@ on S3 a PUT (or a multipart upload) becomes visible only when complete.
 
 Convention for tenant data: keys under `{kind}/{tenant_id}/...`, so deleting a tenant can remove
 `files/{tid}/`, `adapters/{tid}/`, `jobs/{tid}/` and `checkpoints/{tid}/` by prefix.
+
+`iter_with_mtime` and `sweep_temp` serve the orphan sweep (`app.jobs.recovery`): blobs and
+half-written uploads that a crashed process left behind.
 """
 
 from __future__ import annotations
@@ -53,6 +56,11 @@ class BlobStore:
     def delete_prefix(self, prefix: str) -> int: raise NotImplementedError
     def exists(self, key: str) -> bool: raise NotImplementedError
     def list(self, prefix: str = "") -> list[str]: raise NotImplementedError
+    # (key, modification time in Unix seconds) under `prefix`, in no particular order
+    def iter_with_mtime(self, prefix: str = "") -> Iterator[tuple[str, float]]: raise NotImplementedError
+    # remove writes that never completed (a process died mid-upload) last touched before
+    # `older_than` (Unix seconds); returns how many
+    def sweep_temp(self, older_than: float) -> int: raise NotImplementedError
     def size(self, key: str) -> int: raise NotImplementedError
     def ping(self) -> None: raise NotImplementedError
 
@@ -177,23 +185,42 @@ class LocalBlobStore(BlobStore):
         except FileNotFoundError as e:
             raise BlobNotFound(key) from e
 
-    def list(self, prefix=""):
+    def _walk(self, prefix: str) -> Iterator[tuple[str, str]]:
+        """(key, path) of every blob under `prefix`."""
         if prefix:
             check_key(prefix, prefix=True)
         # walk the deepest directory the prefix names, then filter by the full prefix
         base = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
         start = self._path(base, prefix=True) if base else self.root
-        out = []
         if not start.is_dir():
-            return out
+            return
         for dirpath, dirnames, filenames in os.walk(start):
             if Path(dirpath) == self.root:
                 dirnames[:] = [d for d in dirnames if d != ".tmp"]
             for f in filenames:
-                rel = os.path.relpath(os.path.join(dirpath, f), self.root).replace(os.sep, "/")
+                path = os.path.join(dirpath, f)
+                rel = os.path.relpath(path, self.root).replace(os.sep, "/")
                 if rel.startswith(prefix):
-                    out.append(rel)
-        return sorted(out)
+                    yield rel, path
+
+    def list(self, prefix=""):
+        return sorted(k for k, _ in self._walk(prefix))
+
+    def iter_with_mtime(self, prefix=""):
+        for key, path in self._walk(prefix):
+            try:
+                yield key, os.stat(path).st_mtime
+            except FileNotFoundError:  # deleted since the walk saw it
+                continue
+
+    def sweep_temp(self, older_than):
+        n = 0
+        for p in self._tmp.glob(".put-*"):
+            with _suppress():
+                if p.stat().st_mtime < older_than:
+                    p.unlink()
+                    n += 1
+        return n
 
     def ping(self):
         if not self.root.is_dir() or not os.access(self.root, os.W_OK):
@@ -310,12 +337,25 @@ class S3BlobStore(BlobStore):
             raise
 
     def list(self, prefix=""):
+        return sorted(k for k, _ in self.iter_with_mtime(prefix))
+
+    def iter_with_mtime(self, prefix=""):
         full = self.prefix + (check_key(prefix, prefix=True) if prefix else "")
-        out = []
         for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
             for obj in page.get("Contents", []):
-                out.append(obj["Key"][len(self.prefix):])
-        return sorted(out)
+                yield obj["Key"][len(self.prefix):], obj["LastModified"].timestamp()
+
+    def sweep_temp(self, older_than):
+        # the S3 form of a half-written upload: a multipart upload never completed nor aborted,
+        # whose parts are stored (and billed) until someone aborts it
+        n = 0
+        for page in self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket,
+                                                                                 Prefix=self.prefix):
+            for up in page.get("Uploads", []):
+                if up["Initiated"].timestamp() < older_than:
+                    self.client.abort_multipart_upload(Bucket=self.bucket, Key=up["Key"], UploadId=up["UploadId"])
+                    n += 1
+        return n
 
     def ping(self):
         self.client.head_bucket(Bucket=self.bucket)

@@ -56,6 +56,9 @@ class File(Base):
     token_count: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     blob_key: Mapped[str] = mapped_column(String(255))
     created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+    # when a monitor claimed an `uploaded` file whose accepting replica died, to validate it
+    # (Unix seconds): a compare-and-set on it keeps two replicas from doing it at once
+    validation_claimed_at: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class Job(Base):
