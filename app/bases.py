@@ -5,7 +5,9 @@ the service has a base to serve on first start.
 - `register_base` uploads every file of the directory to blobs under `bases/{slug}/`, then writes
   `bases/{slug}/_manifest.json` last: a base whose manifest is missing is an upload that did not
   finish, and is never materialised. It upserts the `ModelRecord` (kind `base`; `tenant_id` NULL
-  for the service's own bases, the owner's id for a tenant's base job).
+  for the service's own bases, the owner's id for a tenant's base job). Its two halves,
+  `upload_base` and `record_base`, let a base job upload first and write the record in the same
+  transaction as its success.
 - `materialize_base` returns a local directory for a record: the directory it was registered from
   when it still exists on this machine (`details.local_path`), else `DATA_DIR/models/{slug}`,
   downloaded once into a temp dir and renamed into place (atomic: a crash leaves no half base).
@@ -27,6 +29,7 @@ import re
 import shutil
 import tempfile
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy.exc import IntegrityError
@@ -77,6 +80,57 @@ def _fingerprint_of(local_dir: Path) -> str:
     return load_base(str(local_dir)).fingerprint
 
 
+@dataclass(frozen=True)
+class BaseUpload:
+    """A base directory's files in blobs, manifest last: what a ModelRecord of kind `base` points at."""
+
+    prefix: str
+    fingerprint: str
+    size_bytes: int
+    local_dir: Path
+
+
+def upload_base(blobs, local_dir, prefix: str, fingerprint: str | None = None) -> BaseUpload:
+    """Upload every file of the HF directory `local_dir` under `prefix`, then its manifest."""
+    local_dir = Path(local_dir).resolve()
+    if not (local_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{local_dir} is not a Hugging Face model directory (no config.json)")
+    if fingerprint is None:
+        fingerprint = _fingerprint_of(local_dir)
+    files = _dir_files(local_dir)
+    size = 0
+    for rel in files:
+        blobs.put_file(prefix + rel, local_dir / rel)
+        size += (local_dir / rel).stat().st_size
+    manifest = {"fingerprint": fingerprint, "files": files, "size_bytes": size}
+    blobs.put_bytes(prefix + MANIFEST, json.dumps(manifest, indent=2).encode())
+    return BaseUpload(prefix, fingerprint, size, local_dir)
+
+
+def record_base(session, slug: str, upload: BaseUpload, owner_tenant_id: str | None = None, *,
+                job_id: str | None = None, details: dict | None = None) -> ModelRecord:
+    """Upsert the ModelRecord of base `slug` for an upload (flushed; the caller commits)."""
+    if not is_slug(slug):
+        raise ValueError(f"base id must be a slug of [a-z0-9-], got {slug!r}")
+    record = session.get(ModelRecord, slug)
+    if record is not None and (record.kind != "base" or record.tenant_id != owner_tenant_id):
+        raise ValueError(f"model id {slug!r} is already taken")
+    info = {"local_path": str(upload.local_dir), **(details or {})}
+    if record is None:
+        record = ModelRecord(
+            id=slug, kind="base", tenant_id=owner_tenant_id, base_id=None, fingerprint=upload.fingerprint,
+            blob_key=upload.prefix, job_id=job_id, size_bytes=upload.size_bytes, details=info,
+        )
+        session.add(record)
+    else:
+        record.fingerprint, record.blob_key, record.size_bytes = upload.fingerprint, upload.prefix, upload.size_bytes
+        record.details = {**(record.details or {}), **info}
+        if job_id:
+            record.job_id = job_id
+    session.flush()
+    return record
+
+
 def register_base(
     session,
     blobs,
@@ -91,37 +145,8 @@ def register_base(
     """Upload `local_dir` under `bases/{slug}/` and upsert its ModelRecord (the caller commits)."""
     if not is_slug(slug):
         raise ValueError(f"base id must be a slug of [a-z0-9-], got {slug!r}")
-    local_dir = Path(local_dir).resolve()
-    if not (local_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{local_dir} is not a Hugging Face model directory (no config.json)")
-    if fingerprint is None:
-        fingerprint = _fingerprint_of(local_dir)
-    files = _dir_files(local_dir)
-    prefix = blob_prefix(slug)
-    size = 0
-    for rel in files:
-        blobs.put_file(prefix + rel, local_dir / rel)
-        size += (local_dir / rel).stat().st_size
-    manifest = {"slug": slug, "fingerprint": fingerprint, "files": files, "size_bytes": size}
-    blobs.put_bytes(prefix + MANIFEST, json.dumps(manifest, indent=2).encode())
-
-    record = session.get(ModelRecord, slug)
-    if record is not None and (record.kind != "base" or record.tenant_id != owner_tenant_id):
-        raise ValueError(f"model id {slug!r} is already taken")
-    info = {"local_path": str(local_dir), **(details or {})}
-    if record is None:
-        record = ModelRecord(
-            id=slug, kind="base", tenant_id=owner_tenant_id, base_id=None, fingerprint=fingerprint,
-            blob_key=prefix, job_id=job_id, size_bytes=size, details=info,
-        )
-        session.add(record)
-    else:
-        record.fingerprint, record.blob_key, record.size_bytes = fingerprint, prefix, size
-        record.details = {**(record.details or {}), **info}
-        if job_id:
-            record.job_id = job_id
-    session.flush()
-    return record
+    upload = upload_base(blobs, local_dir, blob_prefix(slug), fingerprint)
+    return record_base(session, slug, upload, owner_tenant_id, job_id=job_id, details=details)
 
 
 def _complete_local(path: Path) -> bool:

@@ -514,6 +514,31 @@ def test_base_job_registers_a_tenant_base(env):
     assert e.value.status_code == 404 and e.value.param == "model"
 
 
+def test_a_base_job_taken_from_its_worker_before_it_finishes_registers_nothing(env, monkeypatch):
+    """The job is requeued elsewhere while its worker uploads the new base: that worker's success
+    write loses the compare-and-set, so no model record commits and its uploaded files go."""
+    import app.bases
+
+    fid = _corpus_file(env)
+    job = env.create({"model": "scratch", "training_file": fid, "suffix": "gone", "method": {
+        "type": "base", "base": {"architecture": "llama", "size": "tiny", "hyperparameters": {"n_epochs": 1}}}})
+    real_upload = app.bases.upload_base
+
+    def upload_then_lose(*args, **kwargs):
+        out = real_upload(*args, **kwargs)
+        with env.sf() as s:  # meanwhile the monitor handed the job to another worker
+            s.get(Job, job.id).worker_id = "another-worker"
+            s.commit()
+        return out
+
+    monkeypatch.setattr(app.bases, "upload_base", upload_then_lose)
+    assert runner.run_job(job.id, env.ctx) == "lost"
+    with env.sf() as s:
+        assert s.scalars(select(ModelRecord).where(ModelRecord.job_id == job.id)).all() == []
+        assert s.get(Job, job.id).status == "running"  # the new holder's, untouched
+    assert [k for k in env.blobs.list("bases/") if k.startswith("bases/gone-")] == []
+
+
 def test_base_job_continuing_a_base_frees_the_cached_base_and_loads_none(env, monkeypatch):
     """The worker keeps one base loaded for prefix jobs; a base job trains its own copy from the
     directory, so it drops the cached one (on a GPU, memory that training needs) and loads none."""

@@ -23,7 +23,9 @@ import socket
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import func, select
 
@@ -164,9 +166,9 @@ class JobRun:
             hb.join(timeout=5)
 
     def finish(self, status: str, error: dict | None = None, add=(), event: str | None = None,
-               **values) -> str:
-        """The final write: rows in `add` and the status change commit together, only if this
-        worker still holds the job."""
+               within: Callable[[Any], Any] | None = None, **values) -> str:
+        """The final write: rows in `add`, what `within(session)` writes, and the status change
+        commit together, only if this worker still holds the job."""
         with self.session() as s:
             if not state.finish(s, self.job_id, self.worker_id, status, error, **values):
                 s.rollback()
@@ -174,6 +176,8 @@ class JobRun:
                 return "lost"
             for row in add:
                 s.add(row)
+            if within is not None:
+                within(s)
             msg = event or {state.SUCCEEDED: "The job has successfully completed",
                             state.CANCELLED: "Job cancelled"}.get(status) or (error or {}).get("message", status)
             state.add_event(s, self.job_id, msg, tenant_id=self.tenant_id,
@@ -575,7 +579,7 @@ def run_base_job(run: JobRun) -> str:
     Checkpoints go the way of a prefix job's (local dir -> blobs under `checkpoints/{tenant}/{job}/`
     -> JobCheckpoint rows), so a base job whose worker died resumes on the next worker from its last
     checkpoint, with the same data order, optimizer state and tokenizer."""
-    from app.bases import register_base
+    from app.bases import blob_prefix, record_base, upload_base
     from app.ml.base import DEFAULT_ARCHITECTURE, PRESETS, BaseTrainingConfig, train_base
 
     with run.session() as s:
@@ -652,11 +656,12 @@ def run_base_job(run: JobRun) -> str:
     os.replace(out_dir, final)
     metrics = {k: _num(v) if isinstance(v, float) else v for k, v in result.metrics.items()
                if isinstance(v, (int, float, bool, str, type(None)))}
-    with run.session() as s:
-        register_base(s, run.ctx.blobs, final, slug, owner_tenant_id=job.tenant_id,
-                      fingerprint=result.fingerprint, job_id=job.id,
-                      details={"job_id": job.id, "architecture": arch, "size": size, "metrics": metrics,
-                               "continued_from": None if init_dir is None else job.model})
-        # the record commits with the job's success, below; flush-only until then
-        s.commit()
-    return run.finish(state.SUCCEEDED, fine_tuned_model=slug, trained_tokens=trained)
+    # a prefix of this attempt's own: a worker that lost the job must not touch the new holder's upload
+    upload = upload_base(run.ctx.blobs, final, f"{blob_prefix(slug)}{secrets.token_hex(6)}/", result.fingerprint)
+    details = {"job_id": job.id, "architecture": arch, "size": size, "metrics": metrics,
+               "continued_from": None if init_dir is None else job.model}
+    status = run.finish(state.SUCCEEDED, fine_tuned_model=slug, trained_tokens=trained,
+                        within=lambda s: record_base(s, slug, upload, job.tenant_id, job_id=job.id, details=details))
+    if status == "lost":  # the record never committed: its files go too
+        run.ctx.blobs.delete_prefix(upload.prefix)
+    return status
