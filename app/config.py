@@ -51,12 +51,12 @@ class Settings(BaseSettings):
     adapter_cache_size: int = 64
     batch_window_ms: int = 10
     # live rows in the continuous decode batch. 8 on 2 CPU cores: bench.fairness 2.1-2.5 and
-    # bench.serving 3.6-3.9 on a quiet machine, where 16 gave 3.6-4.3 and 7.3 (see README: fairness)
+    # bench.serving 3.6-3.9 on a quiet machine, where 16 gave 3.6-4.3 and 7.3 (docs/BENCHMARKS.md: fair serving)
     max_batch_size: int = 8
     max_prefill_tokens: int = 512  # prompt tokens prefilled between two decode steps (at least one row)
     max_queued_requests: int = 256
 
-    # input limits (every limit is a setting, documented in the README)
+    # input limits (every limit is a setting, documented in docs/LIMITS.md)
     max_upload_bytes: int = 64 * 1024 * 1024
     max_jsonl_line_bytes: int = 64 * 1024
     max_prompt_tokens: int = 2048
