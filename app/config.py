@@ -96,6 +96,19 @@ class Settings(BaseSettings):
     # upload takes, so that a blob being written is never taken for an orphan; 0 turns it off
     orphan_blob_grace_s: float = Field(default=3600.0, ge=0)
 
+    # a full disk (app/store/storage.py, docs/STORAGE.md). Local blob writes (uploads, checkpoints,
+    # adapters) are refused with 507 storage_full when they would leave less than this free, so
+    # that the database keeps room for deletes and job records; 0 turns the floor off
+    storage_min_free_bytes: int = Field(default=128 * 1024**2, ge=0)
+    # a file of this size beside the SQLite database, released when a delete finds the disk full
+    # anyway (something else filled it) and made again once there is room; 0: none
+    storage_reserve_bytes: int = Field(default=8 * 1024**2, ge=0)
+    # a job that finds the storage full goes back to queued and is retried after this delay,
+    # doubled each time, up to this many times in a row without a new checkpoint; then it fails
+    # with storage_full
+    job_storage_full_retries: int = Field(default=3, ge=0)
+    job_storage_full_retry_delay_s: float = Field(default=60.0, ge=0)
+
     @field_validator("device")
     @classmethod
     def _device_name(cls, v: str) -> str:

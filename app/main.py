@@ -36,6 +36,9 @@ def _setup_state(app: FastAPI, settings: Settings) -> None:
     app.state.engine = engine
     app.state.session_factory = make_session_factory(engine)
     app.state.blobs = make_blob_store(settings)
+    from app.store.storage import ensure_reserve
+
+    ensure_reserve(settings)  # room for deletes once the disk is full (app/store/storage.py)
     key, generated = load_or_create_admin_key(settings)
     app.state.admin_key = key
     if generated:

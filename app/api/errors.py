@@ -5,6 +5,10 @@
 also wraps what the framework answers on its own: 404 (unknown route), 405, 413, request
 validation (400 with `param` = the field path) and any unhandled exception (500, logged with the
 request id, never with the request's headers or body).
+
+A full disk (`app.store.storage.StorageFullError`, or any error `is_storage_full` recognises, even
+one a library wrapped: a multipart spool that could not be written becomes FastAPI's 400) is a 507
+with code `storage_full` and `x-should-retry: false` (space must be freed first).
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.store.storage import StorageFullError, full_message, is_storage_full
 
 log = logging.getLogger("prefixd.errors")
 
@@ -35,6 +41,7 @@ _TYPES = {
     422: "invalid_request_error",
     429: "rate_limit_error",
     503: "service_unavailable_error",
+    507: "insufficient_storage_error",
 }
 
 
@@ -111,6 +118,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         (429, "Too many requests"),
         (500, "Internal error"),
         (503, "Not ready"),
+        (507, "The storage is full (code storage_full)"),
     ]
 }
 
@@ -179,7 +187,24 @@ def allowed_methods(request: Request) -> list[str]:
     return sorted(methods)
 
 
+def storage_full_response(request: Request, exc: BaseException | None) -> JSONResponse:
+    rid = request.scope.get("request_id", "-")
+    log.warning("storage full on %s %s (request %s): %s", request.method, request.url.path, rid,
+                _root_cause(exc))
+    return error_response(507, full_message(exc), code="storage_full", headers={"x-should-retry": "false"})
+
+
+def _root_cause(exc: BaseException | None) -> str:
+    while exc is not None and (exc.__cause__ or exc.__context__) is not None:
+        exc = exc.__cause__ or exc.__context__
+    return f"{type(exc).__name__}: {exc}" if exc is not None else "-"
+
+
 def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(StorageFullError)
+    async def _storage_full(request: Request, exc: StorageFullError):
+        return storage_full_response(request, exc)
+
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
         return error_response(exc.status_code, exc.message, exc.type, exc.param, exc.code, exc.headers)
@@ -187,6 +212,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
         status = exc.status_code
+        if status == 400 and is_storage_full(exc.__cause__):  # the body could not be spooled
+            return storage_full_response(request, exc.__cause__)
         detail = exc.detail if isinstance(exc.detail, str) else None
         if status == 404 and detail in (None, "Not Found"):
             message = f"Unknown route: {request.method} {request.url.path}"
@@ -206,6 +233,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unhandled(request: Request, exc: Exception):  # pragma: no cover - last resort
+        if is_storage_full(exc):  # a write no layer translated: still the client's 507
+            return storage_full_response(request, exc)
         rid = request.scope.get("request_id", "-")
         log.exception("unhandled error on %s %s (request %s)", request.method, request.url.path, rid)
         return error_response(500, f"Internal server error (request id {rid})", "server_error")

@@ -24,6 +24,7 @@ from app.api.deps import BlobsDep, SessionDep, SettingsDep, TenantDep
 from app.api.errors import ID_PATTERN, APIError, is_valid_id, not_found
 from app.api.schemas import FileDeleted, FileList, FileObject
 from app.store.models import File, Job, new_id
+from app.store.storage import ensure_reserve, storage_errors, with_reserve
 from app.validation import detect_format, validate_dataset
 
 log = logging.getLogger("prefixd.files")
@@ -169,7 +170,8 @@ def upload_file(
     session.commit()  # end the read transaction: no connection is held while the blob is written
     file_id = new_id("file")
     key = f"files/{tenant.id}/{file_id}"
-    blobs.put_stream(key, fh)
+    with storage_errors():  # a full disk: 507 storage_full, whatever the store raised
+        blobs.put_stream(key, fh)
     row = File(id=file_id, tenant_id=tenant.id, filename=_clean_filename(file.filename), purpose=purpose,
                bytes=size, status="uploaded", blob_key=key)
     # check again with the tenant locked, and insert in the same transaction
@@ -235,7 +237,8 @@ def file_content(file_id: str, tenant: TenantDep, session: SessionDep, blobs: Bl
 
 
 @router.delete("/{file_id}", response_model=FileDeleted)
-def delete_file(file_id: str, tenant: TenantDep, session: SessionDep, blobs: BlobsDep) -> FileDeleted:
+def delete_file(file_id: str, tenant: TenantDep, session: SessionDep, blobs: BlobsDep,
+                settings: SettingsDep) -> FileDeleted:
     f = get_tenant_file(session, tenant.id, file_id)
     in_use = session.scalar(
         select(Job.id).where(
@@ -248,11 +251,27 @@ def delete_file(file_id: str, tenant: TenantDep, session: SessionDep, blobs: Blo
         raise APIError(409, f"File '{f.id}' is used by job '{in_use}', which is still active; "
                             "cancel the job or wait for it to finish", param="file_id", code="file_in_use",
                        headers={"x-should-retry": "false"})
-    key = f.blob_key
-    session.delete(f)
-    session.commit()
-    try:
-        blobs.delete(key)
-    except Exception:  # noqa: BLE001
-        log.warning("could not delete blob of file %s", file_id, exc_info=True)
+    delete_file_row_and_blob(session, settings, blobs, f)
     return FileDeleted(id=file_id)
+
+
+def delete_file_row_and_blob(session, settings, blobs, f: File) -> None:
+    """The blob goes first: on a full disk its space is what lets the database record the
+    delete, and a delete that fails after it leaves a row whose content is gone (404), which the
+    next DELETE removes. If the disk is still full the reserve is released for the row
+    (`app.store.storage`), and made again once the delete freed room."""
+    try:
+        blobs.delete(f.blob_key)
+    except Exception:  # noqa: BLE001 - the row still goes; an orphan blob is swept later
+        log.warning("could not delete blob of file %s", f.id, exc_info=True)
+
+    def drop_row():
+        try:
+            session.delete(f)
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise
+
+    with_reserve(settings, drop_row)
+    ensure_reserve(settings)

@@ -2,6 +2,10 @@
 served model answer; 503 with the failing checks otherwise) and `/metrics` (Prometheus text).
 No key needed.
 
+A full disk (free space below `STORAGE_MIN_FREE_BYTES` where the service writes) shows as
+`storage: "full: ..."` with status `degraded`, and still 200: the replica serves completions,
+reads and the deletes that free the space, which a load balancer would stop sending it on a 503.
+
 `/readyz` asks the serving engine through `app.state.serving`: it is ready when the engine's
 `ready` attribute (or `is_ready()`) is true; the engine may explain itself with `status_message`.
 """
@@ -20,6 +24,7 @@ from app import metrics
 from app.api.schemas import Health, Readiness
 from app.store.db import ping as db_ping
 from app.store.models import Job
+from app.store.storage import storage_status
 
 router = APIRouter(tags=["health"])
 
@@ -78,16 +83,26 @@ def _checks(app) -> dict[str, str]:
             out[name] = "ok"
         except Exception as e:  # noqa: BLE001 - reported, not raised
             out[name] = f"error: {type(e).__name__}"
+    if out["storage"] == "ok":
+        try:
+            out["storage"] = storage_status(settings) or "ok"
+        except Exception as e:  # noqa: BLE001 - reported, not raised
+            out["storage"] = f"error: {type(e).__name__}"
     ok, msg = serving_ready(app)
     out["model"] = "ok" if ok else msg
     return out
 
 
+def _storage_full(name: str, value: str) -> bool:
+    return name == "storage" and value.startswith("full")
+
+
 @router.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness, "description": "Not ready"}})
 async def readyz(request: Request):
     checks = await run_in_threadpool(_checks, request.app)
-    ready = all(v == "ok" for v in checks.values())
-    body = Readiness(status="ready" if ready else "not_ready", checks=checks)
+    ready = all(v == "ok" or _storage_full(k, v) for k, v in checks.items())
+    status = "not_ready" if not ready else "degraded" if checks["storage"] != "ok" else "ready"
+    body = Readiness(status=status, checks=checks)
     return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
 
 

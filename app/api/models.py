@@ -35,6 +35,7 @@ from app.api.deps import BlobsDep, SessionDep, SettingsDep, TenantDep
 from app.api.errors import APIError
 from app.quotas import check_adapter_count, insert_with_blob
 from app.store.models import Job, ModelRecord, new_id, now
+from app.store.storage import with_reserve
 
 router = APIRouter(tags=["models"])
 
@@ -238,8 +239,16 @@ def delete_model(model_id: str, request: Request, tenant: TenantDep, session: Se
         raise APIError(409, f"The adapter '{model_id}' is the init_adapter of active job(s) {', '.join(users)}; "
                             "cancel them or wait for them to finish", code="model_in_use", headers=NO_RETRY)
     key = record.blob_key
-    session.delete(record)
-    session.commit()
+
+    def drop_row():  # on a full disk, with the reserve released if need be (app.store.storage)
+        try:
+            session.delete(record)
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise
+
+    with_reserve(request.app.state.settings, drop_row)
     stop_broadcast.adapter_deleted(request.app, model_id)  # from the adapter cache of every replica
     try:
         if key.endswith("/"):

@@ -154,5 +154,6 @@ class Health(BaseModel):
 
 
 class Readiness(BaseModel):
-    status: Literal["ready", "not_ready"]
+    # degraded: serving, but the storage is full (uploads and jobs wait; reads and deletes work)
+    status: Literal["ready", "degraded", "not_ready"]
     checks: dict[str, str]

@@ -29,12 +29,13 @@ from typing import Any
 
 from sqlalchemy import func, select
 
-from app.jobs import state
+from app.jobs import state, storage_full
 from app.jobs.context import JobContext, default_context
 from app.jobs.data import DataError, eval_subset, holdout_split, read_corpus, read_jsonl, results_csv
 from app.jobs.service import fine_tuned_model_id, new_base_id
 from app.ml.callbacks import Progress, TrainingCallbacks
 from app.store.models import File, Job, JobEvent, ModelRecord, Tenant, new_id
+from app.store.storage import is_storage_full
 
 log = logging.getLogger("prefixd.jobs")
 
@@ -60,8 +61,9 @@ class LostJob(Exception):
 
 def run_job(job_id: str, ctx: JobContext | None = None) -> str:
     """Claim and run one job. Returns what happened: 'missing', 'skipped' (not runnable or held
-    by another worker), 'deferred' (tenant at its running-jobs quota; re-sent later), or the
-    job's final status ('succeeded', 'failed', 'cancelled', 'lost')."""
+    by another worker), 'deferred' (tenant at its running-jobs quota; re-sent later), 'requeued'
+    (the storage was full; retried later), or the job's final status ('succeeded', 'failed',
+    'cancelled', 'lost')."""
     ctx = ctx or default_context()
     settings = ctx.settings
     worker_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
@@ -158,6 +160,8 @@ class JobRun:
             log.warning("job %s failed: %s: %s", self.job_id, e.code, e.message)
             return self.finish(state.FAILED, error={"code": e.code, "message": e.message, "param": e.param})
         except Exception as e:
+            if is_storage_full(e):  # not the job's fault: it waits and resumes (app/jobs/storage_full.py)
+                return storage_full.requeue_or_fail(self, e)
             log.exception("job %s: training error", self.job_id)
             msg = f"Training failed: {type(e).__name__}: {str(e)[:300]}"
             return self.finish(state.FAILED, error={"code": "training_error", "message": msg, "param": None})

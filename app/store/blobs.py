@@ -22,6 +22,8 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
+from app.store.storage import check_room, storage_errors
+
 _KEY_RE = re.compile(r"^[A-Za-z0-9._/-]+$")
 CHUNK = 1024 * 1024
 
@@ -73,6 +75,7 @@ class BlobStore:
                 yield b
 
 
+@storage_errors()  # a local disk full: StorageFullError
 def _atomic_download(fetch, path: str | os.PathLike) -> None:
     """Write through a temp file next to `path`, then rename: never half a file at `path`."""
     dest = Path(path)
@@ -96,7 +99,11 @@ class _suppress:
 
 
 class LocalBlobStore(BlobStore):
-    def __init__(self, root: str | os.PathLike):
+    """`min_free_bytes`: a write that would leave less free on the disk is refused before it
+    starts (StorageFullError), so that the database beside the blobs keeps room (app.store.storage)."""
+
+    def __init__(self, root: str | os.PathLike, min_free_bytes: int = 0):
+        self.min_free_bytes = int(min_free_bytes)
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
         self._tmp = self.root / ".tmp"
@@ -109,8 +116,13 @@ class LocalBlobStore(BlobStore):
             raise ValueError(f"invalid blob key {key!r}")
         return p
 
-    def _write(self, key: str, writer) -> int:
+    def _write(self, key: str, writer, size: int | None = None) -> int:
         dest = self._path(key)
+        with storage_errors():  # ENOSPC / EDQUOT: StorageFullError
+            check_room(self._tmp, size or 0, self.min_free_bytes)
+            return self._write_tmp(dest, writer)
+
+    def _write_tmp(self, dest: Path, writer) -> int:
         dest.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".put-", dir=self._tmp)
         try:
@@ -126,14 +138,14 @@ class LocalBlobStore(BlobStore):
             raise
 
     def put_bytes(self, key, data):
-        self._write(key, lambda out: out.write(data))
+        self._write(key, lambda out: out.write(data), len(data))
 
     def put_file(self, key, path):
         def w(out):
             with open(path, "rb") as src:
                 shutil.copyfileobj(src, out, CHUNK)
             return os.path.getsize(path)
-        self._write(key, w)
+        self._write(key, w, os.path.getsize(path))
 
     def put_stream(self, key, fileobj):
         def w(out):
@@ -144,7 +156,7 @@ class LocalBlobStore(BlobStore):
                     return n
                 out.write(b)
                 n += len(b)
-        return self._write(key, w)
+        return self._write(key, w, _remaining(fileobj))
 
     def open(self, key):
         p = self._path(key)
@@ -225,6 +237,17 @@ class LocalBlobStore(BlobStore):
     def ping(self):
         if not self.root.is_dir() or not os.access(self.root, os.W_OK):
             raise OSError(f"blob root {self.root} is not a writable directory")
+
+
+def _remaining(fileobj) -> int | None:
+    """Bytes left to read in a seekable file (an upload's spool), else None (unknown)."""
+    try:
+        pos = fileobj.tell()
+        end = fileobj.seek(0, os.SEEK_END)
+        fileobj.seek(pos)
+        return max(0, end - pos)
+    except (AttributeError, OSError, ValueError):
+        return None
 
 
 class S3BlobStore(BlobStore):
@@ -378,4 +401,4 @@ def make_blob_store(settings) -> BlobStore:
             region=settings.s3_region, access_key=settings.aws_access_key_id,
             secret_key=settings.aws_secret_access_key,
         )
-    return LocalBlobStore(settings.blob_dir)
+    return LocalBlobStore(settings.blob_dir, min_free_bytes=settings.storage_min_free_bytes)

@@ -34,7 +34,24 @@ def normalize_url(url: str) -> str:
     return url
 
 
+def _raise_storage_full(engine: Engine) -> None:
+    """A write the database had no room for (SQLITE_FULL, PostgreSQL's disk_full) surfaces as
+    `StorageFullError`, in the API and the workers alike."""
+    from app.store.storage import StorageFullError, full_message, is_storage_full
+
+    @event.listens_for(engine, "handle_error")
+    def _storage_full(context):  # noqa: ANN001
+        if is_storage_full(context.original_exception):
+            raise StorageFullError(full_message()) from context.sqlalchemy_exception
+
+
 def make_engine(url: str, **kwargs) -> Engine:
+    engine = _make_engine(url, **kwargs)
+    _raise_storage_full(engine)
+    return engine
+
+
+def _make_engine(url: str, **kwargs) -> Engine:
     url = normalize_url(url)
     u = make_url(url)
     if u.get_backend_name() == "sqlite":

@@ -89,13 +89,14 @@ class TenantHandle:
 
 
 class WorkerProcess:
-    def __init__(self, env: dict[str, str], log_path: Path, queue: str = "gpu"):
+    def __init__(self, env: dict[str, str], log_path: Path, queue: str = "gpu", cmd_prefix: list[str] = ()):
         self.env, self.log_path, self.queue = env, log_path, queue
+        self.cmd_prefix = list(cmd_prefix)  # e.g. nsenter into a mount namespace of the test's own
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 120.0) -> WorkerProcess:
-        cmd = [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-Q", self.queue,
-               "-c", "1", "--pool", "solo", "--loglevel", "INFO", "-n", f"test-{uuid.uuid4().hex[:8]}@%h",
+        cmd = [*self.cmd_prefix, sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker",
+               "-Q", self.queue, "-c", "1", "--pool", "solo", "--loglevel", "INFO", "-n", f"test-{uuid.uuid4().hex[:8]}@%h",
                "--without-gossip", "--without-mingle", "--without-heartbeat"]
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
@@ -142,11 +143,12 @@ class ServiceProcess:
         self.proc: subprocess.Popen | None = None
         self.workers: list[WorkerProcess] = []
         self._clients: list[httpx.Client] = []
+        self.cmd_prefix: list[str] = []  # wraps the API's and the workers' command lines
 
     # -- processes --
     def start(self, timeout: float = 180.0) -> ServiceProcess:
-        cmd = [sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory", "--host", "127.0.0.1",
-               "--port", str(self.port), "--log-level", "warning"]
+        cmd = [*self.cmd_prefix, sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory",
+               "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"]
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
@@ -166,7 +168,7 @@ class ServiceProcess:
     def start_worker(self, timeout: float = 120.0) -> WorkerProcess:
         n = len(self.workers)
         w = WorkerProcess(self.env, self.data_dir.parent / f"{self.data_dir.name}-worker{n}.log",
-                          queue=self.env.get("CELERY_QUEUE", "gpu"))
+                          queue=self.env.get("CELERY_QUEUE", "gpu"), cmd_prefix=self.cmd_prefix)
         self.workers.append(w)
         return w.start(timeout)
 
