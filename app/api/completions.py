@@ -9,13 +9,16 @@ ids; required) / `messages`, `max_tokens` (chat: also `max_completion_tokens`), 
 uses seed + i, so choices differ but are reproducible), `stream` with
 `stream_options.include_usage`, `logprobs` (completions: an int 0..5, the legacy
 `{tokens, token_logprobs, top_logprobs, text_offset}` object; chat: `logprobs` + `top_logprobs`).
-With `stream`, logprobs arrive in each choice's last chunk.
+With `stream`, logprobs arrive in each choice's last chunk. `echo` (completions, n = 1, not with
+`stream`) puts the prompt before the completion, and with `logprobs` covers the prompt's tokens
+first (the first one's logprob and top_logprobs are null), then the generated ones; `max_tokens: 0`
+returns the prompt alone, as lm-evaluation-harness's `local-completions` needs for loglikelihoods.
 
 Other OpenAI parameters, decided one by one:
 - accepted and ignored (no effect on the output): `user`, `metadata`, `store`, `service_tier`,
   `parallel_tool_calls`, `modalities`, `prediction`, `reasoning_effort`, `web_search_options`;
 - accepted when they ask for the default, 400 naming the parameter otherwise:
-  `presence_penalty` and `frequency_penalty` (0), `logit_bias` ({}), `echo` (false),
+  `presence_penalty` and `frequency_penalty` (0), `logit_bias` ({}),
   `best_of` (1 or equal to n), `suffix` (null or ""), `tools`/`functions` ([] or null),
   `tool_choice`/`function_call` ("none" or null), `response_format` ({"type": "text"});
 - anything else is a 400 naming it ("Unrecognized request argument").
@@ -92,7 +95,6 @@ DEFAULT_ONLY: dict[str, Any] = {
     "presence_penalty": lambda v: v in (None, 0, 0.0),
     "frequency_penalty": lambda v: v in (None, 0, 0.0),
     "logit_bias": lambda v: not v,
-    "echo": lambda v: not v,
     "suffix": lambda v: v in (None, ""),
     "tools": lambda v: not v,
     "functions": lambda v: not v,
@@ -126,6 +128,7 @@ class CompletionCreate(_Common):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(16, ge=0)
     logprobs: int | None = Field(None, ge=0, le=5)
+    echo: bool | None = False
 
 
 class ChatMessage(BaseModel):
@@ -157,8 +160,8 @@ class Usage(BaseModel):
 
 class LegacyLogprobs(BaseModel):
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]] | None
+    token_logprobs: list[float | None]  # None: the prompt's first token under echo
+    top_logprobs: list[dict[str, float] | None] | None
     text_offset: list[int]
 
 
@@ -534,7 +537,7 @@ def _legacy_logprobs(items, start_offset: int = 0) -> dict | None:
     for t in items:
         tokens.append(t.token)
         lps.append(t.logprob)
-        tops.append({tok: lp for _, tok, lp in t.top})
+        tops.append(None if t.top is None else {tok: lp for _, tok, lp in t.top})
         offsets.append(pos)
         pos += len(t.token)
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
@@ -626,6 +629,10 @@ async def create_completion(body: CompletionCreate, request: Request, tenant: Te
     max_tokens = 16 if body.max_tokens is None else body.max_tokens
     check_max_tokens(max_tokens, settings)
     n = body.n or 1
+    if body.echo and n > 1:
+        raise APIError(400, "echo is supported with n = 1 only", param="echo", code="unsupported_parameter")
+    if body.echo and body.stream:
+        raise APIError(400, "echo is not supported with stream", param="echo", code="unsupported_parameter")
     try:  # from the body's shape: 300,000 one-character prompts are refused before any is tokenized
         check_rows(prompt_count(body.prompt), n, settings)
     except RefusedPrompt as e:
@@ -676,13 +683,41 @@ async def create_completion(body: CompletionCreate, request: Request, tenant: Te
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     results = await _await_results(request, handle)
-    choices = [
-        CompletionChoice(text=r.text, index=i, finish_reason=_finish(r.finish_reason),
-                         logprobs=_legacy_logprobs(r.logprobs) if body.logprobs is not None else None)
-        for i, r in enumerate(results)
-    ]
-    return Completion(id=cid, created=created, model=model, choices=choices,
-                      usage=_usage(results, prompt_lens, n))
+    echoed = await _echoes(engine, request, tenant.id, resolved, body, prompts) if body.echo else None
+    choices = []
+    for i, r in enumerate(results):
+        head, head_lps = echoed[i] if echoed else ("", [])
+        lps = _legacy_logprobs(head_lps + r.logprobs) if body.logprobs is not None else None
+        choices.append(CompletionChoice(text=head + r.text, index=i, finish_reason=_finish(r.finish_reason),
+                                        logprobs=lps))
+    return Completion(id=cid, created=created, model=model, choices=choices, usage=_usage(results, prompt_lens, n),
+                      system_fingerprint=resolved.served.fingerprint or None)
+
+
+async def _echoes(engine, request: Request, tenant_id: str, resolved: Resolved, body: CompletionCreate,
+                  prompts: list[list[int]]) -> list[tuple[str, list]]:
+    """`echo`: each prompt's text (as sent, or decoded from its token ids) and, with `logprobs`,
+    its tokens' log-probabilities, computed on the scheduler thread in fair turn with generation."""
+    from app.ml.generate import prompt_logprobs
+
+    texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt if isinstance(body.prompt[0], str) else None
+    tokenizer = resolved.served.base.tokenizer
+    out = []
+    for i, ids in enumerate(prompts):
+        text = texts[i] if texts is not None else tokenizer.decode(ids, skip_special_tokens=False,
+                                                                   clean_up_tokenization_spaces=False)
+        lps: list = []
+        if body.logprobs is not None:
+            prefix, top = resolved.prefix, body.logprobs
+            try:
+                lps = await engine.run_call(tenant_id, lambda base, ids=ids: prompt_logprobs(base, ids, prefix, top),
+                                            fingerprint=resolved.served.fingerprint, key=credential(request))
+            except QueueFullError as e:
+                raise _queue_full(e) from None
+            except Exception as exc:  # noqa: BLE001 - mapped like a generation's errors
+                raise _engine_error(exc) from None
+        out.append((text, lps))
+    return out
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletion, responses=SSE_DOC)

@@ -61,8 +61,8 @@ class TokenLogprob:
 
     token_id: int
     token: str
-    logprob: float
-    top: list[tuple[int, str, float]]  # (token_id, token, logprob), most likely first
+    logprob: float | None  # None only for a prompt's first token (echo): nothing predicts it
+    top: list[tuple[int, str, float]] | None  # (token_id, token, logprob), most likely first
 
 
 @dataclass
@@ -836,6 +836,29 @@ def score(base, prompt_ids: list[int], candidates: list[list[int]], prefix: KV |
             for i, rest in zip(multi, (lp * tmask).sum(-1).tolist()):
                 scores[i] += rest
     return scores
+
+
+def prompt_logprobs(base, prompt_ids: list[int], prefix: KV | None = None, top: int = 0) -> list[TokenLogprob]:
+    """Each prompt token's log-probability given the tokens before it (and the prefix), with its
+    `top` most likely alternatives: what OpenAI's legacy `echo` returns. The first token's logprob
+    and alternatives are None: nothing before it predicts it. One forward over the prompt, THE
+    rule of `kvcache.py`."""
+    if not prompt_ids:
+        raise ValueError("prompt must have at least one token")
+    check_context(base, len(prompt_ids), prefix_length(prefix), 0)
+    first = TokenLogprob(int(prompt_ids[0]), base.tokenizer.decode([int(prompt_ids[0])], skip_special_tokens=False,
+                                                                   clean_up_tokenization_spaces=False), None, None)
+    if len(prompt_ids) == 1:
+        return [first]
+    with torch.inference_mode():
+        device, dtype, L = base.device, _model_dtype(base.model), len(prompt_ids)
+        kv, pmask = batch_prefixes(_same_prefixes([prefix], dtype, device), base.geometry, dtype, device)
+        mask = torch.cat([pmask, torch.ones(1, L, dtype=torch.long, device=device)], 1)
+        cache = GenerationCache(kv if pmask.shape[1] else None, reserve=mask.shape[1])
+        out = base.model(input_ids=torch.tensor([list(prompt_ids)], device=device), attention_mask=mask,
+                         position_ids=positions_from_mask(mask, L), cache=cache, use_cache=True)
+        logits = out.logits[0, :-1].float()  # position t predicts token t + 1
+        return [first, *token_logprobs(base.tokenizer, logits, list(prompt_ids[1:]), [top] * (L - 1))]
 
 
 def classify(
