@@ -14,7 +14,7 @@ the service has a base to serve on first start.
 - `ensure_default_base` is what the API runs at startup (in a background thread):
   `BASE_MODEL=/path` serves that directory, registered under `slugify(dir name)`; without it the
   service serves `DATA_DIR/models/default`, which it materialises from blobs if another replica
-  already built it, and otherwise builds offline with `app.ml.base.build_default_base`
+  already built it, and otherwise builds offline with `app.ml.pretrain.build_default_base`
   (`DEFAULT_BASE_BUILD_STEPS` shortens that build, e.g. for tests), checkpointing under
   `DATA_DIR/models/.default-build/` so that a build killed midway resumes on the next start.
 """
@@ -223,7 +223,9 @@ def _build_default(target: Path, steps: int | None = None, device: str = "auto")
     The build checkpoints into `target.parent/.default-build/`; a build killed midway (Ctrl-C, OOM,
     a deploy) resumes from there on the next start with the same final weights, and the checkpoints
     are deleted once the base is in place."""
-    from app.ml.base import BaseTrainingConfig, build_default_base, resolve_device
+    from app.ml.base import resolve_device
+    from app.ml.config import BaseTrainingConfig
+    from app.ml.pretrain import build_default_base
 
     target.parent.mkdir(parents=True, exist_ok=True)
     ckpt = target.parent / BUILD_CHECKPOINT_DIR

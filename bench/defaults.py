@@ -34,11 +34,13 @@ from pathlib import Path
 
 import torch
 
-from app.ml.base import build_default_base, load_base
+from app.ml.base import load_base
+from app.ml.config import PrefixTrainingConfig
 from app.ml.data import Example, encode_prompt
 from app.ml.generate import GenerationRequest, generate
 from app.ml.prefix import table_to_key_values
-from app.ml.train import PrefixTrainingConfig, train_prefix
+from app.ml.pretrain import build_default_base
+from app.ml.train import train_prefix
 
 REPO = Path(__file__).resolve().parents[1]
 

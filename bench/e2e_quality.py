@@ -59,10 +59,11 @@ from dataclasses import replace
 
 import torch
 
+from app.ml.base import load_base
 from app.ml.data import Example, bucket_batches, collate, sorted_batches, tokenize_example
-from app.ml.base import count_parameters, load_base
 from app.ml.evaluate import evaluate
 from app.ml.kvcache import positions_from_mask
+from app.ml.pretrain import count_parameters
 from bench.common import emit, limit_mrs, load_e2e, log, split_by_mr
 
 MODES = {
@@ -125,7 +126,7 @@ def bench_preset(cfg: dict) -> str:
     """Registers this bench's base shape as `PRESETS[("gpt2", "e2e-bench")]`: the engine preset
     `cfg["preset"]` with `init_std` (and `hidden`/`layers`/`heads` when set) replaced. GPT-2 style
     keeps full multi-head attention (as many KV heads as heads). Returns the size name."""
-    from app.ml.base import PRESETS
+    from app.ml.config import PRESETS
 
     p = PRESETS[("gpt2", cfg["preset"])]
     d, n, h = cfg.get("hidden") or p.hidden_size, cfg.get("layers") or p.num_layers, cfg.get("heads") or p.num_heads
@@ -146,11 +147,12 @@ def base_key(cfg: dict) -> str:
 
 
 def build_base(out_dir: str, train_rows, valid_rows, cfg: dict, seed: int = 0):
-    """`app.ml.base.train_base` from scratch (GPT-2 style preset, BPE trained on the same texts) on
+    """`app.ml.pretrain.train_base` from scratch (GPT-2 style preset, BPE trained on the same texts) on
     the train references as plain text, validated on the valid references; returns the loaded Base."""
-    from app.ml.base import BaseTrainingConfig, load_base, train_base
-
+    from app.ml.base import load_base
     from app.ml.callbacks import TrainingCallbacks
+    from app.ml.config import BaseTrainingConfig
+    from app.ml.pretrain import train_base
 
     class Log(TrainingCallbacks):
         def on_progress(self, p):
@@ -159,8 +161,8 @@ def build_base(out_dir: str, train_rows, valid_rows, cfg: dict, seed: int = 0):
 
     res = train_base(
         out_dir, ref_documents(train_rows), ref_documents(valid_rows), architecture="gpt2", size=bench_preset(cfg),
-        config=BaseTrainingConfig(epochs=cfg["base_epochs"], lr=cfg["base_lr"], batch_size=cfg["base_batch"],
-                                  max_seq_len=cfg["block"]),
+        config=BaseTrainingConfig(n_epochs=cfg["base_epochs"], learning_rate=cfg["base_lr"],
+                                  batch_size=cfg["base_batch"], max_seq_len=cfg["block"]),
         seed=seed, corpus_name="e2e-train-refs", callbacks=Log(),
     )
     log(f"base: {res.steps} steps, metrics {res.metrics}")
@@ -241,7 +243,8 @@ def finetune(base, train_ex, valid_ex, cfg: dict, seed: int = 0):
 
 
 def prefix_tune(base, train_ex, valid_ex, cfg: dict, seed: int = 0, **overrides):
-    from app.ml.train import PrefixTrainingConfig, train_prefix
+    from app.ml.config import PrefixTrainingConfig
+    from app.ml.train import train_prefix
 
     pcfg = PrefixTrainingConfig(
         num_virtual_tokens=cfg["prefix_tokens"], n_epochs=cfg["epochs"], batch_size=cfg["batch_size"],

@@ -44,9 +44,11 @@ from pathlib import Path
 
 import torch
 
-from app.ml.base import BaseTrainingConfig, build_default_base, load_base, resolve_device
+from app.ml.base import load_base, resolve_device
+from app.ml.config import BaseTrainingConfig
 from app.ml.generate import GenerationRequest, generate
 from app.ml.prefix import PrefixConfig, PrefixEncoder, table_to_key_values
+from app.ml.pretrain import build_default_base
 from bench.common import REPO, emit, limit_mrs, load_e2e, log
 
 CACHE_DIR = Path(os.environ.get("BENCH_DIR", REPO / "var" / "bench"))

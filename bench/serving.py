@@ -47,7 +47,8 @@ def _free_port() -> int:
 
 
 def _untrained_default_shape(out: Path) -> Path:
-    from app.ml.base import BaseTrainingConfig, create_base
+    from app.ml.config import BaseTrainingConfig
+    from app.ml.pretrain import create_base
 
     texts = [p * 4 for p in PROMPTS] * 50
     create_base(str(out), "llama", "default", texts, seed=0, config=BaseTrainingConfig(steps=0))

@@ -7,7 +7,7 @@ architectures: min for speed, max for memory) and `per_arch` details. Targets: t
 same-batches ratio >= 0.95, memory ratio <= 1.0. All ratios are ours / PEFT.
 
 Setup, identical for both trainers:
-- Bases: GPT-2 style and Llama style (GQA) models from `app.ml.base.PRESETS` (`model_config`),
+- Bases: GPT-2 style and Llama style (GQA) models from `app.ml.config.PRESETS` (`app.ml.pretrain.model_config`),
   random init from a seed, with a byte-level BPE of the preset's vocabulary size trained on the
   E2E training texts; saved with `save_pretrained` and loaded by each trainer with
   `from_pretrained` (ours through `load_base`). Speed and memory do not depend on the weights.
@@ -31,8 +31,9 @@ The races (each trainer in its own spawned subprocess, run one after another, ne
    DataLoader takes them as `batch_sampler`). A third subprocess runs our training step on the same
    index batches in the same order: `app.ml.data.collate` (the same rows, the same padded length,
    padding on the left, our convention), `train._batch_loss` inside `train._frozen_eval_mode`, the
-   encoder and AdamW built as `train_prefix` builds them, `_lr_at` schedule, clipping, `loss.item()`
-   per step: the body of `train_prefix`'s loop, minus the bucketing.
+   encoder and AdamW built as `train_prefix` builds them (`configure_optimizer`), the config's
+   `learning_rate_at` schedule, clipping, `loss.item()` per step: the body of `train_prefix`'s
+   loop, minus the bucketing.
 Clock: on CPU each subprocess runs torch with ONE thread and the ratios divide by the process CPU
 time of the loop (`time.process_time`), which other load on a shared 2-core box does not inflate;
 wall-clock tokens/s and its ratios are reported too (`wall_*`). Two threads on a loaded 2-core box
@@ -92,7 +93,8 @@ def build_bases(root: str, preset_name: str, archs, texts) -> dict[str, str]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from app.ml.base import PRESETS, model_config
+    from app.ml.config import PRESETS
+    from app.ml.pretrain import model_config
     from app.ml.tokenizer import train_bytelevel_bpe
 
     vocab = PRESETS[(archs[0], preset_name)].vocab_size
@@ -213,7 +215,7 @@ class _LoopClock:
 
 
 def PrefixTrainingConfig_from(spec: dict):
-    from app.ml.train import PrefixTrainingConfig
+    from app.ml.config import PrefixTrainingConfig
 
     return PrefixTrainingConfig(
         num_virtual_tokens=spec["num_virtual_tokens"], prefix_projection=spec["projection"],
@@ -243,7 +245,7 @@ def _ours_on_batches(T, base, cfg, tokenized, batches, collate, device) -> dict:
         with torch.no_grad():
             encoder = T._make_encoder(cfg, geometry, base, [], "random").to(device)
     encoder.train()
-    opt = torch.optim.AdamW(encoder.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = T.configure_optimizer(encoder, cfg)
     tokens, loss_val = 0, None
     with T._frozen_eval_mode(model, False):
         t0, c0 = time.perf_counter(), time.process_time()
@@ -251,7 +253,7 @@ def _ours_on_batches(T, base, cfg, tokenized, batches, collate, device) -> dict:
             items = [tokenized[i] for i in idx]
             n_labels = sum(x.num_label_tokens for x in items)
             for g in opt.param_groups:
-                g["lr"] = T._lr_at(step, total, cfg)
+                g["lr"] = cfg.learning_rate_at(step, total)
             opt.zero_grad(set_to_none=True)
             loss, ntok = T._batch_loss(model, encoder, geometry, collate(items, pad_id), kv_dtype, amp_ctx, keep_logits)
             (loss / n_labels).backward()
@@ -285,7 +287,7 @@ def _peft_loop(model, tokenizer, cfg, tokenized, batches, device) -> dict:
     loader = DataLoader(features, batch_sampler=batches,
                         collate_fn=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(params, lr=cfg.peak_learning_rate, weight_decay=cfg.weight_decay)
     total = len(batches)
     sched = get_cosine_schedule_with_warmup(opt, math.ceil(cfg.warmup_ratio * total), total)
     amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else nullcontext
@@ -353,7 +355,8 @@ def race_arch(arch: str, path: str, cfg: dict, pairs, batches, device: str, thre
     """(ours, PEFT, ours on PEFT's batches) x repeats, one subprocess each, in turn, and the
     memory baseline subprocess (before them, or beside them with the CPU clock)."""
     import torch  # noqa: F401
-    from app.ml.base import PRESETS
+
+    from app.ml.config import PRESETS
 
     preset = PRESETS[(arch, cfg["preset"])]
     spec = dict(cfg, path=path, examples=pairs, batches=batches, device=device, threads=threads,

@@ -98,8 +98,8 @@ def small_default_corpus_texts(n: int = 400) -> list[str]:
 @pytest.fixture
 def small_default_corpus(monkeypatch):
     """`build_default_base` reads `small_default_corpus_texts()` instead of the standard library."""
-    import app.ml.base
+    import app.ml.pretrain
 
     texts = small_default_corpus_texts()
-    monkeypatch.setattr(app.ml.base, "default_corpus", lambda: list(texts))
+    monkeypatch.setattr(app.ml.pretrain, "default_corpus", lambda: list(texts))
     return texts

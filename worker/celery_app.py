@@ -95,6 +95,7 @@ def _preload(**_kw) -> None:
         import app.ml.adapter  # noqa: F401
         import app.ml.base  # noqa: F401
         import app.ml.evaluate  # noqa: F401
+        import app.ml.pretrain  # noqa: F401
         import app.ml.train  # noqa: F401
     except Exception:
         log.warning("preloading the engine failed; jobs import it on first use", exc_info=True)

@@ -32,6 +32,7 @@ from sqlalchemy import func, select
 from app.jobs import state, storage_full
 from app.jobs.context import JobContext, default_context
 from app.jobs.data import DataError, eval_subset, holdout_split, read_corpus, read_jsonl, results_csv
+from app.jobs.hyperparameters import HyperparameterError, base_training_config, prefix_training_config
 from app.jobs.service import fine_tuned_model_id, new_base_id
 from app.ml.callbacks import Progress, TrainingCallbacks
 from app.store.models import File, Job, JobEvent, ModelRecord, Tenant, new_id
@@ -404,43 +405,6 @@ def _read_file(run: JobRun, file_id: str) -> tuple[File, bytes]:
 # ----------------------------------------------------------------------------- prefix jobs
 
 
-def resolve_prefix_config(spec: dict, seed: int, n_train: int):
-    """Request fields -> PrefixTrainingConfig. None / "auto" take the engine's defaults; the
-    learning-rate multiplier scales the engine's default learning rate."""
-    from app.ml.train import PrefixTrainingConfig
-
-    hp = spec.get("hyperparameters") or {}
-    kw = {}
-    for name in ("num_virtual_tokens", "prefix_projection", "projection_hidden_size", "init", "init_text"):
-        if spec.get(name) is not None:
-            kw[name] = spec[name]
-    for name in ("n_epochs", "batch_size"):
-        if hp.get(name) not in (None, "auto"):
-            kw[name] = hp[name]
-    for name in ("max_seq_len", "eval_every"):
-        if hp.get(name) is not None:
-            kw[name] = hp[name]
-    cfg = PrefixTrainingConfig(**kw, seed=seed)
-    mult = hp.get("learning_rate_multiplier")
-    default_lr = cfg.lr  # the engine's default for this prefix (with or without projection)
-    if hp.get("learning_rate") is not None:
-        cfg.learning_rate = float(hp["learning_rate"])
-    elif mult not in (None, "auto"):
-        cfg.learning_rate = cfg.lr * float(mult)
-    # ~10 checkpoints per run (at least every 200 steps), so a lost worker costs little
-    n_epochs = cfg.n_epochs = cfg.epochs_for(n_train)  # pinned: the checkpoints carry the number
-    total = n_epochs * math.ceil(math.ceil(max(1, n_train) / cfg.batch_size) / max(1, cfg.grad_accum_steps))
-    cfg.checkpoint_every = max(1, min(200, math.ceil(total / 10)))
-    cfg.log_every = 1
-    resolved_hp = {"n_epochs": n_epochs, "batch_size": cfg.batch_size,
-                   "learning_rate_multiplier": cfg.lr / default_lr,
-                   "learning_rate": cfg.lr, "max_seq_len": cfg.max_seq_len, "eval_every": cfg.eval_every}
-    resolved = {**spec, "num_virtual_tokens": cfg.num_virtual_tokens, "prefix_projection": cfg.prefix_projection,
-                "projection_hidden_size": cfg.projection_hidden_size if cfg.prefix_projection else None,
-                "init": cfg.init, "hyperparameters": resolved_hp}
-    return cfg, resolved, total
-
-
 def _examples(run: JobRun, records: list[dict], what: str, tokenizer):
     from app.ml.data import example_from_record
 
@@ -478,7 +442,7 @@ def run_prefix_job(run: JobRun) -> str:
         split_note = (f"{len(valid)} held-out examples split from the training file" if valid
                       else "no validation data (fewer than 50 training examples)")
 
-    cfg, resolved, total = resolve_prefix_config(spec, job.seed, len(train))
+    cfg, resolved, total = prefix_training_config(spec, job.seed, len(train))
     if cfg.init == "adapter":
         cfg.init_adapter = _load_init_adapter(run, spec.get("init_adapter"), job.model)
     with run.session() as s:
@@ -584,13 +548,12 @@ def run_base_job(run: JobRun) -> str:
     -> JobCheckpoint rows), so a base job whose worker died resumes on the next worker from its last
     checkpoint, with the same data order, optimizer state and tokenizer."""
     from app.bases import blob_prefix, record_base, upload_base
-    from app.ml.base import DEFAULT_ARCHITECTURE, PRESETS, BaseTrainingConfig, train_base
+    from app.ml.pretrain import train_base
 
     with run.session() as s:
         job = s.get(Job, run.job_id)
         s.expunge(job)
     spec = dict(job.method.get("base") or {})
-    hp = spec.get("hyperparameters") or {}
     f, data = _read_file(run, job.training_file)
     try:
         texts = read_corpus(data, f.filename, "training file")
@@ -606,28 +569,15 @@ def run_base_job(run: JobRun) -> str:
         init_dir = materialize(run, _base_record(run, job.model))
     device = job_device(run.settings)
     release_cached_base()  # a base kept for prefix jobs would hold memory that training needs
-    arch = spec.get("architecture") or DEFAULT_ARCHITECTURE
-    size = spec.get("size") or "default"
-    if (arch, size) not in PRESETS:
-        raise JobFailure("invalid_method", f"No base preset ({arch}, {size})", "method.base.size")
-    preset = PRESETS[(arch, size)]
-    lr = hp.get("learning_rate")
-    if lr is None and hp.get("learning_rate_multiplier") not in (None, "auto"):
-        lr = preset.lr * float(hp["learning_rate_multiplier"])
-    cfg = BaseTrainingConfig(
-        epochs=None if hp.get("n_epochs") in (None, "auto") else float(hp["n_epochs"]),
-        batch_size=None if hp.get("batch_size") in (None, "auto") else int(hp["batch_size"]),
-        lr=lr, max_seq_len=hp.get("max_seq_len"), eval_every=hp.get("eval_every") or 0,
-    )
-    resolved_hp = {"n_epochs": hp.get("n_epochs", "auto"), "batch_size": cfg.batch_size or preset.batch_size,
-                   "learning_rate_multiplier": hp.get("learning_rate_multiplier", "auto"),
-                   "learning_rate": cfg.lr or preset.lr, "max_seq_len": cfg.max_seq_len or preset.max_seq_len,
-                   "eval_every": cfg.eval_every}
+    try:
+        cfg, resolved = base_training_config(spec)
+    except HyperparameterError as e:
+        raise JobFailure("invalid_method", str(e), e.param) from None
+    arch, size = resolved["architecture"], resolved["size"]
     with run.session() as s:
         j = s.get(Job, run.job_id)
-        j.method = {"type": "base", "base": {**spec, "architecture": arch, "size": size,
-                                             "hyperparameters": resolved_hp}}
-        j.hyperparameters = resolved_hp
+        j.method = {"type": "base", "base": resolved}
+        j.hyperparameters = resolved["hyperparameters"]
         s.commit()
 
     slug = new_base_id(job.suffix, job.id)

@@ -114,7 +114,7 @@ def _check_file(session: Session, tenant_id: str, file_id: str, param: str, kind
 
 def _check_base_preset(spec: dict) -> None:
     try:
-        from app.ml.base import PRESETS
+        from app.ml.config import PRESETS
     except Exception:  # the engine's presets are not importable here: the worker will check
         return
     archs = sorted({a for a, _ in PRESETS})

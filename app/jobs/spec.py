@@ -10,9 +10,11 @@ means "the engine's default", resolved when the job starts and then written back
 `method` and `hyperparameters`, as OpenAI does for `"auto"`:
 
 - prefix: `num_virtual_tokens`, `prefix_projection`, `projection_hidden_size`, `init` and every
-  hyperparameter default to `PrefixTrainingConfig`'s values (`app/ml/train.py`);
+  hyperparameter default to `PrefixTrainingConfig`'s values (`app/ml/config.py`);
 - base: `architecture`/`size` default to the engine's default preset, hyperparameters to
   `train_base`'s defaults.
+
+`app/jobs/hyperparameters.py` turns a method into the engine's config.
 
 `{"type": "supervised", "supervised": {"hyperparameters": {...}}}` (OpenAI's method) is accepted
 as an alias of `{"type": "prefix"}` with those hyperparameters, so the official client's default
@@ -88,7 +90,7 @@ class PrefixSpec(_Strict):
 
 class BaseSpec(_Strict):
     architecture: Annotated[str, Field(min_length=1, max_length=64)] | None = Field(
-        None, description="Architecture of a new base (a preset of app.ml.base.PRESETS).")
+        None, description="Architecture of a new base (a preset of app.ml.config.PRESETS).")
     size: Annotated[str, Field(min_length=1, max_length=64)] | None = Field(
         None, description="Size preset of a new base.")
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)

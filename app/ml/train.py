@@ -1,6 +1,7 @@
 """Prefix tuning (Li & Liang 2021): learn a prefix table for a frozen base model.
 
-Read top to bottom: config, init, the loss of one batch, the loop, checkpoints.
+Read top to bottom: the result, init, the loss of one batch, the loop, checkpoints. The config and
+its learning-rate schedule are `app/ml/config.py`.
 
 How the prefix enters the model is `app/ml/kvcache.py`, the same rule scoring and generation use:
 the batch's one prefix is expanded over the rows (`batch_prefixes`), given to the model as a
@@ -13,10 +14,10 @@ three things exact on CPU: the same seed gives the same prefix bit for bit, a re
 exactly where an uninterrupted one does, and gradient checkpointing gives the gradients of a run
 without it.
 
-Checkpoints (`checkpoint_dir/step-000123/`) hold `tensors.safetensors` (prefix parameters, AdamW
-moments, the best table so far) and `state.json` (step, config, scheduler, RNG states, best metrics,
-data and base fingerprints). Nothing is pickled. A checkpoint describes itself: `train_prefix`
-resumes from the newest one in `checkpoint_dir` using the config stored in it.
+Checkpoints (`checkpoint_dir/step-000123/`, see `app/ml/checkpoint.py`) hold the prefix
+parameters, AdamW moments, the best table so far and the RNG states as tensors, and the step,
+config, progress, and data and base fingerprints as JSON. A checkpoint describes itself:
+`train_prefix` resumes from the newest one in `checkpoint_dir` using the config stored in it.
 """
 
 from __future__ import annotations
@@ -27,22 +28,32 @@ import json
 import logging
 import math
 import os
-import re
-import shutil
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache
 
+from app.ml.adapter import Adapter
 from app.ml.callbacks import Progress, TrainingCallbacks
+from app.ml.checkpoint import (
+    Checkpoint,
+    newest_checkpoint,
+    optimizer_tensors,
+    read_checkpoint,
+    restore_optimizer,
+    restore_rng,
+    rng_tensors,
+    save_checkpoint,
+)
+from app.ml.config import RUNTIME_FIELDS, PrefixTrainingConfig
 from app.ml.data import (
     IGNORE_INDEX,
     Example,
@@ -56,141 +67,21 @@ from app.ml.data import (
 from app.ml.kvcache import FrozenPrefixCache, ModelGeometry, batch_prefixes, keeps_logits_by_mask, positions_from_mask
 from app.ml.prefix import PrefixConfig, PrefixEncoder, key_values_to_table
 
-__all__ = ["PrefixTrainingConfig", "Progress", "TrainingCallbacks", "TrainResult", "train_prefix"]
+__all__ = ["TrainResult", "checkpoint_table", "text_table", "train_prefix"]
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = "prefixd-prefix-train-checkpoint"
-CHECKPOINT_VERSION = 1
-_TENSORS, _STATE = "tensors.safetensors", "state.json"
-_CKPT_RE = re.compile(r"^step-(\d+)$")
-
-
-# n_epochs="auto" (None): see PrefixTrainingConfig.epochs_for
-AUTO_TARGET_STEPS = 2000
-AUTO_MIN_EPOCHS = 3
-AUTO_MAX_EPOCHS = 100
-
-
-@dataclass
-class PrefixTrainingConfig:
-    # The prefix. The projection MLP is off by default: on the default base (word -> label task,
-    # 180 examples, ~1000 steps) the direct table at lr 0.1 reached 58-65% held-out exact match
-    # where the MLP stayed at chance (15%) at lr 1e-2 and 3e-2. Li & Liang's MLP steadies training
-    # on large pre-trained bases; it stays one flag away and is folded away at the end.
-    num_virtual_tokens: int = 16
-    prefix_projection: bool = False
-    projection_hidden_size: int = 512
-    init: str = "random"  # 'random' | 'text' | 'adapter'
-    init_text: str | None = None  # 'text': defaults to the first training example's text
-    init_adapter: Any = None  # 'adapter': an object with .config and .table, or a table tensor
-    # Optimisation. Prefixes need a high learning rate; None picks 1e-2 with the projection MLP
-    # (whose output moves faster per unit of lr) and 1e-1 for the direct table (3e-2 learned
-    # several times slower than 1e-1; 3e-1 was noisier and ended lower, 52% against 58%).
-    # None ("auto"): enough passes for about AUTO_TARGET_STEPS optimizer steps (see `epochs_for`).
-    n_epochs: int | None = None
-    batch_size: int = 8
-    learning_rate: float | None = None
-    warmup_ratio: float = 0.06
-    lr_schedule: str = "cosine"  # 'cosine' | 'linear' decay after linear warmup
-    # A little decoupled decay generalises better: on the default base (word -> label, 324 pairs,
-    # 150 unseen prompts, seeds 0-3) held-out exact match was 96.0/88.7/92.7/90.0% with 0.01 against
-    # 94.7/88.7/89.3/82.7% with none and 91.3/91.3/86.7/86.0% with 0.1.
-    weight_decay: float = 0.01
-    max_grad_norm: float = 1.0
-    grad_accum_steps: int = 1
-    max_seq_len: int = 512  # also capped by the base's positions minus the prefix length
-    # Validation, early stopping, checkpoints. eval_every=0: at the end of every epoch.
-    eval_every: int = 0
-    # evaluations without improvement; 0 disables. Small validation splits are noisy at a prefix's
-    # high lr: a patience of 3 stopped runs at 15-50% of their steps, far from their best.
-    early_stopping_patience: int = 10
-    # Patience counts only from this fraction of the steps on: while the learning rate is high the
-    # validation loss is too noisy to judge a run by (a 2,460-step run stopped at step 1,230 with
-    # validation loss 0.48 and 52% held-out exact match, where its siblings reached 0.02-0.05).
-    early_stopping_start: float = 0.5
-    checkpoint_every: int = 200  # steps; 0: only when cancelled
-    keep_checkpoints: int = 2
-    seed: int = 0
-    gradient_checkpointing: bool = False
-    # 'auto': bf16 autocast on CUDA, fp32 elsewhere; 'bf16'; 'no'. The prefix stays fp32 throughout.
-    mixed_precision: str = "auto"
-    log_every: int = 1  # on_progress every N steps (and on the last)
-
-    @property
-    def lr(self) -> float:
-        if self.learning_rate is not None:
-            return float(self.learning_rate)
-        return 1e-2 if self.prefix_projection else 1e-1
-
-    def epochs_for(self, n_train: int) -> int:
-        """`n_epochs`, or for "auto" the passes that give about AUTO_TARGET_STEPS optimizer steps,
-        within [AUTO_MIN_EPOCHS, AUTO_MAX_EPOCHS]. A fixed epoch count fails small datasets: a few
-        hundred examples make ~40 steps an epoch, and a prefix needs hundreds of steps at any data
-        size. Measured on the default base (`bench.defaults`, word -> label, 324 pairs, seeds
-        0/1/2/3/4/5/6/9, unseen prompts of training words / with unseen adjectives):
-        - 1,000 steps: 98.7/96.7/100/98.7/100/89.3/100/94.7% / 88.0/90.7/92.0/91.3/89.3/70.7/95.3/84.7%;
-          seed 5 is an optimisation failure (validation loss 0.57 where the others reach 0.04-0.26);
-        - 2,000 steps: seeds 5/4/9/2: 99.3/99.3/100/99.3% / 86.0/86.0/94.7/88.0%, every run at
-          validation loss 0.02-0.04; twice the time (~65 s of one core);
-        - 615 steps: 60-82% with unseen adjectives (underfit). Large datasets still get a few passes."""
-        if self.n_epochs is not None:
-            return int(self.n_epochs)
-        per_step = self.batch_size * self.grad_accum_steps
-        steps_per_epoch = max(1, math.ceil(max(1, n_train) / per_step))
-        return max(AUTO_MIN_EPOCHS, min(AUTO_MAX_EPOCHS, math.ceil(AUTO_TARGET_STEPS / steps_per_epoch)))
-
-    def validate(self, resuming: bool = False) -> None:
-        if self.init not in ("random", "text", "adapter"):
-            raise ValueError(f"init must be 'random', 'text' or 'adapter', got {self.init!r}")
-        if self.init == "adapter" and self.init_adapter is None and not resuming:
-            raise ValueError("init='adapter' needs init_adapter")
-        if self.lr_schedule not in ("cosine", "linear"):
-            raise ValueError("lr_schedule must be 'cosine' or 'linear'")
-        if self.mixed_precision not in ("auto", "bf16", "no"):
-            raise ValueError("mixed_precision must be 'auto', 'bf16' or 'no'")
-        for name in ("num_virtual_tokens", "n_epochs", "batch_size", "grad_accum_steps", "log_every"):
-            if getattr(self, name) is not None and int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1")
-        if not 0 <= self.early_stopping_start <= 1:
-            raise ValueError("early_stopping_start must be in [0, 1]")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ValueError("warmup_ratio must be in [0, 1)")
-        if self.lr <= 0:
-            raise ValueError("learning_rate must be > 0")
-
-    def to_dict(self) -> dict:
-        """JSON-able; `init_adapter` is left out (a resumed run never re-initialises)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "init_adapter"}
-
-    @classmethod
-    def from_dict(cls, d: Mapping) -> "PrefixTrainingConfig":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
-
-# Fields that only say where and how to run, not what is computed: a resumed run takes these from
-# the caller (it may run on other hardware), everything else from the checkpoint.
-_RUNTIME_FIELDS = ("mixed_precision", "checkpoint_every", "keep_checkpoints", "log_every")
+CHECKPOINT_KIND = "prefixd-prefix-train-checkpoint"
 
 
 @dataclass
 class TrainResult:
-    adapter: Any  # app.ml.adapter.Adapter (folded table + metadata), or TrainedPrefix without it
+    adapter: Adapter  # the folded table with its metadata
     metrics: dict
     cancelled: bool
     steps: int
     table: torch.Tensor | None = None  # the returned prefix, [P, width] float32 on CPU
     prefix_config: PrefixConfig | None = None  # projection-free geometry of `table`
-
-
-@dataclass
-class TrainedPrefix:
-    """Stand-in with Adapter's fields, used only when app.ml.adapter cannot be imported."""
-
-    config: PrefixConfig
-    table: torch.Tensor
-    metadata: dict = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -332,7 +223,8 @@ def _batch_loss(model, encoder, geometry, batch, kv_dtype, amp_ctx, keep_logits:
         logits = model(**kwargs).logits
     logits = logits[:, -keep:][:, :-1].float()
     target = labels[:, L - keep + 1 :]
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX,
+                           reduction="sum")
     return loss, int(tmask.sum())
 
 
@@ -433,7 +325,7 @@ def _frozen_eval_mode(model, gradient_checkpointing: bool, lean_activations: boo
                 layer.forward = own
         for m, flag in training:
             m.training = flag
-        for p, flag in zip(params, requires_grad):
+        for p, flag in zip(params, requires_grad, strict=True):
             p.requires_grad_(flag)
 
 
@@ -441,15 +333,136 @@ def _frozen_eval_mode(model, gradient_checkpointing: bool, lean_activations: boo
 # the loop
 
 
-def _lr_at(step: int, total: int, config: PrefixTrainingConfig) -> float:
-    """Learning rate of the step with 0-based index `step`: linear warmup, then cosine/linear decay."""
-    warmup = math.ceil(config.warmup_ratio * total)
-    if step < warmup:
-        return config.lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    if config.lr_schedule == "linear":
-        return config.lr * (1.0 - progress)
-    return config.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+@dataclass
+class _RunState:
+    """What the loop updates; all but the best table is a checkpoint's `progress`."""
+
+    step: int = 0
+    trained_tokens: int = 0
+    train_loss: float | None = None
+    best_train_loss: float | None = None
+    valid_loss: float | None = None
+    best_valid_loss: float | None = None
+    best_step: int | None = None
+    bad_evals: int = 0  # evaluations since the best one, counted from early_stopping_start on
+    early_stopped: bool = False
+    best_table: torch.Tensor | None = field(default=None, repr=False)  # the prefix at best_step
+
+    def progress(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k != "best_table"}
+
+    @classmethod
+    def from_progress(cls, progress: dict) -> _RunState:
+        names = {f.name for f in fields(cls)} - {"best_table"}
+        return cls(**{k: v for k, v in progress.items() if k in names})
+
+    def metrics(self) -> dict:
+        return {k: getattr(self, k) for k in ("step", "train_loss", "best_train_loss", "valid_loss",
+                                              "best_valid_loss", "best_step", "trained_tokens", "early_stopped")}
+
+    def record_train_loss(self, loss: float) -> None:
+        self.train_loss = loss
+        if self.best_train_loss is None or loss < self.best_train_loss:
+            self.best_train_loss = loss
+
+    def record_eval(self, valid_loss: float, config: PrefixTrainingConfig, total_steps: int) -> bool:
+        """Track the best evaluation and the patience; True when this one is the new best."""
+        self.valid_loss = valid_loss
+        if self.best_valid_loss is None or valid_loss < self.best_valid_loss:
+            self.best_valid_loss, self.best_step, self.bad_evals = valid_loss, self.step, 0
+            return True
+        if self.step >= config.early_stopping_start * total_steps:
+            self.bad_evals += 1
+            patience = config.early_stopping_patience
+            self.early_stopped = bool(patience > 0 and self.bad_evals >= patience)
+        return False
+
+
+@dataclass
+class _Forward:
+    """The loss of a list of tokenized examples under the run's prefix and numerics."""
+
+    model: torch.nn.Module
+    encoder: PrefixEncoder
+    geometry: ModelGeometry
+    pad_id: int
+    kv_dtype: torch.dtype
+    amp_ctx: Any
+    keep_logits: bool
+
+    def loss(self, items: list[TokenizedExample]):
+        return _batch_loss(self.model, self.encoder, self.geometry, collate(items, self.pad_id), self.kv_dtype,
+                           self.amp_ctx, self.keep_logits)
+
+
+class _EpochBatches:
+    """The micro-batches of each optimizer step: one epoch's length-bucketed batches at a time,
+    deterministic in (seed, epoch), so a resumed run takes the batches the interrupted one would."""
+
+    def __init__(self, lengths: list[int], config: PrefixTrainingConfig):
+        self.lengths, self.batch_size, self.seed = lengths, config.batch_size, config.seed
+        self.accum = config.grad_accum_steps
+        self.epoch, self.batches = None, []
+
+    def of_step(self, epoch: int, k: int) -> list[list[int]]:
+        """The index batches of the `k`-th step of `epoch`."""
+        if epoch != self.epoch:
+            self.epoch, self.batches = epoch, bucket_batches(self.lengths, self.batch_size, self.seed, epoch)
+        return self.batches[k * self.accum : (k + 1) * self.accum]
+
+
+def configure_optimizer(encoder: PrefixEncoder, config: PrefixTrainingConfig) -> torch.optim.AdamW:
+    """AdamW over every prefix parameter, decoupled weight decay on all of them (the prefix is all
+    matrices and one projection MLP; its few biases are too few to matter)."""
+    return torch.optim.AdamW(encoder.parameters(), lr=config.peak_learning_rate, weight_decay=config.weight_decay)
+
+
+def _precision(mixed_precision: str, model, device: torch.device):
+    """(mode, dtype the prefix's keys and values enter the model in, autocast context factory)."""
+    amp = mixed_precision
+    if amp == "auto":
+        amp = "bf16" if device.type == "cuda" else "no"
+    if amp == "bf16":
+        return amp, torch.bfloat16, partial(torch.autocast, device.type, dtype=torch.bfloat16)
+    return amp, next(model.parameters()).dtype, nullcontext
+
+
+def _train_step(forward: _Forward, optimizer, micro_batches: list[list[TokenizedExample]], learning_rate: float,
+                max_grad_norm: float) -> tuple[float, int, int]:
+    """One optimizer step over its micro-batches (gradient accumulation). The loss is the token-level
+    mean over the whole step, however it is split. Returns (summed loss, label tokens, real tokens)."""
+    n_labels = sum(x.num_label_tokens for items in micro_batches for x in items)
+    for g in optimizer.param_groups:
+        g["lr"] = learning_rate
+    optimizer.zero_grad(set_to_none=True)
+    loss_sum, tokens = 0.0, 0
+    for items in micro_batches:
+        loss, ntok = forward.loss(items)
+        (loss / n_labels).backward()
+        loss_sum += loss.item()
+        tokens += ntok
+    if max_grad_norm and max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(forward.encoder.parameters(), max_grad_norm)
+    optimizer.step()
+    return loss_sum, n_labels, tokens
+
+
+@torch.no_grad()
+def _validation_loss(forward: _Forward, valid_tok: list[TokenizedExample], batch_size: int) -> float:
+    """Mean loss per label token over the validation examples."""
+    loss_sum, n = 0.0, 0
+    for idx in sorted_batches([len(x) for x in valid_tok], batch_size):
+        items = [valid_tok[i] for i in idx]
+        loss, _ = forward.loss(items)
+        loss_sum += loss.item()
+        n += sum(x.num_label_tokens for x in items)
+    return loss_sum / n
+
+
+def _eval_due(step: int, config: PrefixTrainingConfig, steps_per_epoch: int, total_steps: int) -> bool:
+    if step == total_steps:
+        return True
+    return step % config.eval_every == 0 if config.eval_every > 0 else step % steps_per_epoch == 0
 
 
 def _as_examples(items, tokenizer) -> list[Example]:
@@ -467,6 +480,15 @@ def _fingerprint(*datasets: Sequence[TokenizedExample]) -> str:
     return h.hexdigest()
 
 
+def _resumed_config(config: PrefixTrainingConfig, resume: Checkpoint | None) -> PrefixTrainingConfig:
+    """A resumed run computes what the checkpoint's config says and runs as the caller says."""
+    if resume is None:
+        return config
+    saved = resume.state["config"]
+    return PrefixTrainingConfig.from_dict({**saved, **{k: getattr(config, k) for k in RUNTIME_FIELDS},
+                                           "init_adapter": None})
+
+
 def train_prefix(
     base,
     train_examples,
@@ -479,21 +501,16 @@ def train_prefix(
     `.fingerprint` when present). Examples are `Example`s or JSONL records. Resumes from the newest
     checkpoint in `checkpoint_dir` if there is one. Returns the best prefix by validation loss
     (the final one without validation data), folded to a plain table."""
-    config = config or PrefixTrainingConfig()
     callbacks = callbacks or TrainingCallbacks()
     model, tokenizer = base.model, base.tokenizer
     geometry = getattr(base, "geometry", None) or ModelGeometry.of(model.config)
     base_fp = getattr(base, "fingerprint", None)
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
-
-    resume = _load_newest_checkpoint(ckpt_dir) if ckpt_dir is not None else None
-    if resume is not None:
-        saved = resume["state"]["config"]
-        config = PrefixTrainingConfig.from_dict(
-            {**saved, **{k: getattr(config, k) for k in _RUNTIME_FIELDS}, "init_adapter": None}
-        )
+    resume = newest_checkpoint(ckpt_dir, CHECKPOINT_KIND) if ckpt_dir is not None else None
+    config = _resumed_config(config or PrefixTrainingConfig(), resume)
     config.validate(resuming=resume is not None)
 
+    # -- the data and the plan
     train_ex = _as_examples(train_examples, tokenizer)
     valid_ex = _as_examples(valid_examples, tokenizer)
     if not train_ex:
@@ -503,156 +520,77 @@ def train_prefix(
     valid_tok = [tokenize_example(x, tokenizer, max_len) for x in valid_ex]
     data_fp = _fingerprint(train_tok, valid_tok)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    lengths = [len(x) for x in train_tok]
-
+    steps_per_epoch, total_steps = config.steps_per_epoch(len(train_tok)), config.total_steps(len(train_tok))
     device = next(model.parameters()).device
-    amp = config.mixed_precision
-    if amp == "auto":
-        amp = "bf16" if device.type == "cuda" else "no"
-    if amp == "bf16":
-        kv_dtype = torch.bfloat16
-
-        def amp_ctx():
-            return torch.autocast(device.type, dtype=torch.bfloat16)
-    else:
-        kv_dtype = next(model.parameters()).dtype
-        amp_ctx = nullcontext
+    amp, kv_dtype, amp_ctx = _precision(config.mixed_precision, model, device)
     keep_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
-
-    batches_per_epoch = math.ceil(len(train_tok) / config.batch_size)
-    steps_per_epoch = math.ceil(batches_per_epoch / config.grad_accum_steps)
-    total_steps = config.epochs_for(len(train_tok)) * steps_per_epoch
 
     # Seeded init inside fork_rng, so the caller's global RNG is left as it was.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        # -- the prefix and its optimizer: a fresh init, or where the checkpoint left them
         torch.manual_seed(config.seed)
         with torch.no_grad():
             # a resumed run loads its parameters from the checkpoint: no init work needed
             init = "random" if resume is not None else config.init
             encoder = _make_encoder(config, geometry, base, train_ex, init).to(device)
         encoder.train()
-        opt = torch.optim.AdamW(encoder.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-        st = {
-            "step": 0, "trained_tokens": 0, "train_loss": None, "best_train_loss": None,
-            "valid_loss": None, "best_valid_loss": None, "best_step": None, "bad_evals": 0,
-            "early_stopped": False,
-        }
-        best_table: torch.Tensor | None = None
+        optimizer = configure_optimizer(encoder, config)
+        run = _RunState()
         if resume is not None:
-            if resume["state"]["data_fingerprint"] != data_fp:
-                raise ValueError("the checkpoint in checkpoint_dir was written for different training data")
-            if resume["state"].get("base_fingerprint") and base_fp and resume["state"]["base_fingerprint"] != base_fp:
-                raise ValueError("the checkpoint in checkpoint_dir was written for a different base")
-            best_table = _restore(resume, encoder, opt, device)
-            st.update(resume["state"]["progress"])
-            log.info("resuming prefix training at step %d of %d", st["step"], total_steps)
+            run = _restore(resume, encoder, optimizer, device, data_fp, base_fp)
+            log.info("resuming prefix training at step %d of %d", run.step, total_steps)
+        forward = _Forward(model, encoder, geometry, pad_id, kv_dtype, amp_ctx, keep_logits)
+        batches = _EpochBatches([len(x) for x in train_tok], config)
+        save = partial(_save, ckpt_dir, run, encoder, optimizer, config, total_steps, data_fp, base_fp, device,
+                       callbacks)
 
-        def evaluate() -> float | None:
-            if not valid_tok:
-                return None
-            loss_sum, n = 0.0, 0
-            with torch.no_grad():
-                for idx in sorted_batches([len(x) for x in valid_tok], config.batch_size):
-                    items = [valid_tok[i] for i in idx]
-                    loss, _ = _batch_loss(model, encoder, geometry, collate(items, pad_id), kv_dtype, amp_ctx, keep_logits)
-                    loss_sum += loss.item()
-                    n += sum(x.num_label_tokens for x in items)
-            return loss_sum / n
-
-        def save(step: int) -> None:
-            if ckpt_dir is None:
-                return
-            path = _save_checkpoint(ckpt_dir, step, encoder, opt, best_table, {
-                "config": config.to_dict(), "prefix_config": encoder.config.to_dict(),
-                "progress": dict(st), "data_fingerprint": data_fp, "base_fingerprint": base_fp,
-                "scheduler": {"kind": config.lr_schedule, "step": step, "total_steps": total_steps,
-                              "warmup_ratio": config.warmup_ratio, "lr": config.lr},
-                "rng": _rng_state(device),
-            }, config.keep_checkpoints)
-            callbacks.on_checkpoint(step, {**_metrics(st), "checkpoint_path": str(path)})
-
+        # -- the loop
         cancelled = False
-        run_tokens, t0 = 0, time.perf_counter()
-        epoch_cache: dict[int, list[list[int]]] = {}
+        start_step, run_tokens, t0 = run.step, 0, time.perf_counter()
         with _frozen_eval_mode(model, config.gradient_checkpointing):
-            while st["step"] < total_steps and not st["early_stopped"]:
+            while run.step < total_steps and not run.early_stopped:
                 if callbacks.should_stop():
                     cancelled = True
-                    save(st["step"])
+                    save()
                     break
-                step = st["step"]
-                epoch, k = divmod(step, steps_per_epoch)
-                if epoch not in epoch_cache:
-                    epoch_cache = {epoch: bucket_batches(lengths, config.batch_size, config.seed, epoch)}
-                group = epoch_cache[epoch][k * config.grad_accum_steps : (k + 1) * config.grad_accum_steps]
-                n_labels = sum(train_tok[i].num_label_tokens for idx in group for i in idx)
-                for g in opt.param_groups:
-                    g["lr"] = _lr_at(step, total_steps, config)
-                opt.zero_grad(set_to_none=True)
-                step_loss = 0.0
-                for idx in group:
-                    # token-level mean over the whole optimizer step, however it is split
-                    loss, ntok = _batch_loss(
-                        model, encoder, geometry, collate([train_tok[i] for i in idx], pad_id),
-                        kv_dtype, amp_ctx, keep_logits,
-                    )
-                    (loss / n_labels).backward()
-                    step_loss += loss.item()
-                    run_tokens += ntok
-                if config.max_grad_norm and config.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(encoder.parameters(), config.max_grad_norm)
-                opt.step()
-                st["step"] = step = step + 1
-                st["trained_tokens"] += sum(len(train_tok[i]) for idx in group for i in idx)
-                st["train_loss"] = step_loss / n_labels
-                if st["best_train_loss"] is None or st["train_loss"] < st["best_train_loss"]:
-                    st["best_train_loss"] = st["train_loss"]
+                epoch, k = divmod(run.step, steps_per_epoch)
+                group = batches.of_step(epoch, k)
+                loss_sum, n_labels, tokens = _train_step(
+                    forward, optimizer, [[train_tok[i] for i in idx] for idx in group],
+                    config.learning_rate_at(run.step, total_steps), config.max_grad_norm)
+                run_tokens += tokens
+                run.step += 1
+                run.trained_tokens += sum(len(train_tok[i]) for idx in group for i in idx)
+                run.record_train_loss(loss_sum / n_labels)
+                if valid_tok and _eval_due(run.step, config, steps_per_epoch, total_steps):
+                    if run.record_eval(_validation_loss(forward, valid_tok, config.batch_size), config, total_steps):
+                        run.best_table = _table_of(encoder)
+                    callbacks.on_eval(run.step, run.metrics())
+                if run.step % config.log_every == 0 or run.step == total_steps or run.early_stopped:
+                    callbacks.on_progress(_progress(run, epoch, total_steps, start_step, run_tokens, t0))
+                if config.checkpoint_every > 0 and run.step % config.checkpoint_every == 0 and run.step < total_steps:
+                    save()
 
-                end_of_epoch = step % steps_per_epoch == 0
-                due = step % config.eval_every == 0 if config.eval_every > 0 else end_of_epoch
-                if valid_tok and (due or step == total_steps):
-                    st["valid_loss"] = v = evaluate()
-                    if st["best_valid_loss"] is None or v < st["best_valid_loss"]:
-                        st["best_valid_loss"], st["best_step"], st["bad_evals"] = v, step, 0
-                        best_table = _table_of(encoder)
-                    elif step >= config.early_stopping_start * total_steps:
-                        st["bad_evals"] += 1
-                        p = config.early_stopping_patience
-                        st["early_stopped"] = bool(p > 0 and st["bad_evals"] >= p)
-                    callbacks.on_eval(step, _metrics(st))
-
-                elapsed = time.perf_counter() - t0
-                if step % config.log_every == 0 or step == total_steps or st["early_stopped"]:
-                    tps = run_tokens / elapsed if elapsed > 0 else 0.0
-                    done_here = step - (resume["state"]["progress"]["step"] if resume else 0)
-                    eta = elapsed / max(1, done_here) * (total_steps - step)
-                    callbacks.on_progress(Progress(
-                        step=step, total_steps=total_steps, epoch=epoch, train_loss=st["train_loss"],
-                        valid_loss=st["valid_loss"], tokens_per_s=tps, eta_s=eta,
-                        trained_tokens=st["trained_tokens"],
-                    ))
-                if config.checkpoint_every > 0 and step % config.checkpoint_every == 0 and step < total_steps:
-                    save(step)
-
+        # -- the result: the best prefix, else the last
         elapsed = time.perf_counter() - t0
         final_table = _table_of(encoder)
-        table = best_table if best_table is not None else final_table
-        metrics = {
-            **_metrics(st),
-            "total_steps": total_steps,
-            "tokens_per_s": run_tokens / elapsed if elapsed > 0 else 0.0,
-            "elapsed_s": elapsed,
-            "device": device.type,
-            "mixed_precision": amp,
-        }
+        table = run.best_table if run.best_table is not None else final_table
+        metrics = {**run.metrics(), "total_steps": total_steps,
+                   "tokens_per_s": run_tokens / elapsed if elapsed > 0 else 0.0, "elapsed_s": elapsed,
+                   "device": device.type, "mixed_precision": amp}
     folded_cfg = PrefixConfig(**{**encoder.config.to_dict(), "prefix_projection": False})
-    adapter = _wrap(table, folded_cfg, base_fp, config, metrics)
-    return TrainResult(adapter, metrics, cancelled, st["step"], table, folded_cfg)
+    adapter = Adapter.from_table(table, folded_cfg, base_fp or "", training={"method": "prefix", **config.to_dict()},
+                                 metrics=metrics)
+    return TrainResult(adapter, metrics, cancelled, run.step, table, folded_cfg)
 
 
-def _metrics(st: dict) -> dict:
-    return {k: st[k] for k in ("step", "train_loss", "best_train_loss", "valid_loss", "best_valid_loss",
-                               "best_step", "trained_tokens", "early_stopped")}
+def _progress(run: _RunState, epoch: int, total_steps: int, start_step: int, run_tokens: int, t0: float) -> Progress:
+    elapsed = time.perf_counter() - t0
+    return Progress(
+        step=run.step, total_steps=total_steps, epoch=epoch, train_loss=run.train_loss, valid_loss=run.valid_loss,
+        tokens_per_s=run_tokens / elapsed if elapsed > 0 else 0.0,
+        eta_s=elapsed / max(1, run.step - start_step) * (total_steps - run.step), trained_tokens=run.trained_tokens,
+    )
 
 
 @torch.no_grad()
@@ -662,110 +600,59 @@ def _table_of(encoder: PrefixEncoder) -> torch.Tensor:
     return folded().detach().float().cpu().clone()
 
 
-def _wrap(table, folded_cfg, base_fp, config, metrics):
-    meta_training = {"method": "prefix", **config.to_dict()}
-    try:
-        from app.ml.adapter import Adapter
-    except ImportError:  # the adapter module is written separately; keep training usable without it
-        return TrainedPrefix(folded_cfg, table, {"base_fingerprint": base_fp, "training": meta_training, "metrics": metrics})
-    if hasattr(Adapter, "from_table"):
-        return Adapter.from_table(table, folded_cfg, base_fp or "", training=meta_training, metrics=metrics)
-    return Adapter(folded_cfg, table, {"base_fingerprint": base_fp, "training": meta_training, "metrics": metrics})
-
-
 # ----------------------------------------------------------------------------------------------
-# checkpoints: safetensors + JSON, written atomically, never pickled
+# checkpoints
 
 
-def _rng_state(device) -> dict:
-    state = {"torch": torch.get_rng_state().tolist()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device).tolist()
-    return state
-
-
-def _save_checkpoint(root: Path, step: int, encoder, opt, best_table, state: dict, keep: int) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
+def _save(root: Path | None, run: _RunState, encoder, optimizer, config: PrefixTrainingConfig, total_steps: int,
+          data_fp: str, base_fp: str | None, device, callbacks: TrainingCallbacks) -> None:
+    """A checkpoint of the run at its current step (nothing without a checkpoint directory)."""
+    if root is None:
+        return
+    opt_tensors, param_groups = optimizer_tensors(optimizer)
     tensors = {f"prefix.{k}": v.detach().contiguous().cpu() for k, v in encoder.state_dict().items()}
-    sd = opt.state_dict()
-    for pid, pstate in sd["state"].items():
-        for k, v in pstate.items():
-            if not isinstance(v, torch.Tensor):
-                raise TypeError(f"unexpected non-tensor optimizer state {k}")
-            tensors[f"optim.{pid}.{k}"] = v.detach().contiguous().cpu()
-    if best_table is not None:
-        tensors["best.table"] = best_table.contiguous()
+    tensors.update(opt_tensors)
+    if run.best_table is not None:
+        tensors["best.table"] = run.best_table.contiguous()
+    tensors.update(rng_tensors(device))
     state = {
-        "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "step": step, **state,
-        "optimizer": {"param_groups": sd["param_groups"]},
+        "step": run.step, "config": config.to_dict(), "prefix_config": encoder.config.to_dict(),
+        "progress": run.progress(), "data_fingerprint": data_fp, "base_fingerprint": base_fp,
+        "scheduler": {"kind": config.lr_schedule, "step": run.step, "total_steps": total_steps,
+                      "warmup_ratio": config.warmup_ratio, "learning_rate": config.peak_learning_rate},
+        "optimizer": {"param_groups": param_groups},
     }
-    final = root / f"step-{step:08d}"
-    tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file(tensors, str(tmp / _TENSORS))
-    with open(tmp / _STATE, "w") as f:
-        json.dump(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    if final.exists():  # the same step written again (e.g. cancelled right after a periodic save)
-        shutil.rmtree(final)
-    os.replace(tmp, final)  # readers see the whole checkpoint or none of it
-    for old in _list_checkpoints(root)[:-max(1, keep)]:
-        shutil.rmtree(old[1], ignore_errors=True)
-    return final
+    path = save_checkpoint(root, run.step, CHECKPOINT_KIND, tensors, state, config.keep_checkpoints)
+    callbacks.on_checkpoint(run.step, {**run.metrics(), "checkpoint_path": str(path)})
 
 
-def _list_checkpoints(root: Path) -> list[tuple[int, Path]]:
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _CKPT_RE.match(p.name)) and p.is_dir()]
-    return sorted(found)
-
-
-def _load_newest_checkpoint(root: Path) -> dict | None:
-    for step, path in reversed(_list_checkpoints(root)):
-        try:
-            with open(path / _STATE) as f:
-                state = json.load(f)
-            if state.get("format") != CHECKPOINT_FORMAT:
-                raise ValueError("not a prefix training checkpoint")
-            return {"state": state, "tensors": load_file(str(path / _TENSORS)), "path": path}
-        except (OSError, ValueError) as e:  # a damaged checkpoint: fall back to the one before
-            log.warning("skipping unreadable checkpoint %s: %s", path, e)
-    return None
-
-
-def _restore(resume: dict, encoder, opt, device) -> torch.Tensor | None:
-    tensors, state = resume["tensors"], resume["state"]
-    encoder.load_state_dict({k[len("prefix."):]: v for k, v in tensors.items() if k.startswith("prefix.")})
-    opt_state: dict[int, dict] = {}
-    for name, v in tensors.items():
-        if name.startswith("optim."):
-            _, pid, key = name.split(".", 2)
-            opt_state.setdefault(int(pid), {})[key] = v.to(device) if key != "step" else v
-    groups = state["optimizer"]["param_groups"]
-    for g in groups:
-        if isinstance(g.get("betas"), list):
-            g["betas"] = tuple(g["betas"])
-    opt.load_state_dict({"state": opt_state, "param_groups": groups})
-    rng = state.get("rng", {})
-    if "torch" in rng:
-        torch.set_rng_state(torch.tensor(rng["torch"], dtype=torch.uint8))
-    if "cuda" in rng and device.type == "cuda":
-        torch.cuda.set_rng_state(torch.tensor(rng["cuda"], dtype=torch.uint8), device)
+def _restore(resume: Checkpoint, encoder, optimizer, device, data_fp: str, base_fp: str | None) -> _RunState:
+    """Prefix parameters, AdamW state, RNG and progress from `resume`, after checking it is this run's."""
+    state, tensors = resume.state, resume.tensors
+    if state["data_fingerprint"] != data_fp:
+        raise ValueError("the checkpoint in checkpoint_dir was written for different training data")
+    if state.get("base_fingerprint") and base_fp and state["base_fingerprint"] != base_fp:
+        raise ValueError("the checkpoint in checkpoint_dir was written for a different base")
+    encoder.load_state_dict(_prefix_weights(tensors))
+    restore_optimizer(optimizer, tensors, state["optimizer"]["param_groups"])
+    restore_rng(tensors, device)
+    if "rng" in state:  # written before the RNG states were tensors: byte lists in the JSON
+        restore_rng({f"rng.{k}": torch.tensor(v, dtype=torch.uint8) for k, v in state["rng"].items()}, device)
+    run = _RunState.from_progress(state["progress"])
     best = tensors.get("best.table")
-    return best.float().clone() if best is not None else None
+    run.best_table = best.float().clone() if best is not None else None
+    return run
+
+
+def _prefix_weights(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k[len("prefix."):]: v for k, v in tensors.items() if k.startswith("prefix.")}
 
 
 def checkpoint_table(path: str | os.PathLike) -> tuple[PrefixConfig, torch.Tensor]:
     """The current prefix of one checkpoint directory as (projection-free config, table), e.g. for
     a worker that publishes intermediate checkpoints as adapters."""
-    path = Path(path)
-    with open(path / _STATE) as f:
-        state = json.load(f)
-    pcfg = PrefixConfig.from_dict(state["prefix_config"])
+    ckpt = read_checkpoint(Path(path), CHECKPOINT_KIND)
+    pcfg = PrefixConfig.from_dict(ckpt.state["prefix_config"])
     encoder = PrefixEncoder(pcfg)
-    tensors = load_file(str(path / _TENSORS))
-    encoder.load_state_dict({k[len("prefix."):]: v for k, v in tensors.items() if k.startswith("prefix.")})
+    encoder.load_state_dict(_prefix_weights(ckpt.tensors))
     return PrefixConfig(**{**pcfg.to_dict(), "prefix_projection": False}), _table_of(encoder)

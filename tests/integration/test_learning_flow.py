@@ -151,13 +151,13 @@ def test_prefix_job_teaches_the_task(start_service, learnable_base_dir, variant,
     # the engine's defaults (PrefixTrainingConfig), written back into the job; today a direct
     # table of 16 virtual tokens, lr 0.1, batch 8, and for the 270 rows left after the 10%
     # hold-out 30 epochs of 34 steps (n_epochs "auto": about 1000 optimizer steps)
-    from app.ml.train import PrefixTrainingConfig
+    from app.ml.config import PrefixTrainingConfig
 
     defaults = PrefixTrainingConfig()
     spec, hp = job["method"]["prefix"], job["hyperparameters"]
     assert spec["prefix_projection"] is defaults.prefix_projection
     assert spec["num_virtual_tokens"] == defaults.num_virtual_tokens
-    assert hp["learning_rate"] == pytest.approx(defaults.lr) and hp["batch_size"] == defaults.batch_size
+    assert hp["learning_rate"] == pytest.approx(defaults.peak_learning_rate) and hp["batch_size"] == defaults.batch_size
     events = all_events(t.client, job_id)
     (n_train,) = [e["data"]["train_examples"] for e in events if "train_examples" in (e.get("data") or {})]
     assert n_train == 270 and hp["n_epochs"] == defaults.epochs_for(n_train)

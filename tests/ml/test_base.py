@@ -12,13 +12,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from app.ml.base import (
-    META_FILE, PRESETS, BaseTrainingConfig, compute_fingerprint, count_parameters, load_base, model_config,
-    prepare_tokenizer, train_base,
-)
+from app.ml.base import compute_fingerprint, load_base, prepare_tokenizer
 from app.ml.callbacks import TrainingCallbacks
+from app.ml.config import PRESETS, BaseTrainingConfig
 from app.ml.corpus import TASK_LINE, clean_document, default_corpus, split_train_valid
 from app.ml.kvcache import ModelGeometry
+from app.ml.pretrain import META_FILE, count_parameters, model_config, train_base
 from app.ml.tokenizer import train_bytelevel_bpe
 
 
@@ -44,7 +43,7 @@ def tiny_trained(tmp_path_factory, small_texts):
     train, valid = small_texts
     out = tmp_path_factory.mktemp("trained") / "base"
     result = train_base(str(out), train, valid, architecture="llama", size="tiny",
-                        config=BaseTrainingConfig(steps=30, lr=5e-3, max_eval_blocks=16), seed=0)
+                        config=BaseTrainingConfig(steps=30, learning_rate=5e-3, max_eval_blocks=16), seed=0)
     return result
 
 
@@ -183,7 +182,7 @@ def test_continued_training_keeps_tokenizer(tmp_path, tiny_trained, small_texts)
     train, valid = small_texts
     parent = load_base(tiny_trained.path)
     r = train_base(str(tmp_path / "continued"), list(reversed(train)), valid, init_from=tiny_trained.path,
-                   size="tiny", config=BaseTrainingConfig(steps=5, lr=1e-3, max_eval_blocks=16), seed=1)
+                   size="tiny", config=BaseTrainingConfig(steps=5, learning_rate=1e-3, max_eval_blocks=16), seed=1)
     child = load_base(r.path)
     assert child.tokenizer.get_vocab() == parent.tokenizer.get_vocab()
     assert child.fingerprint != parent.fingerprint
@@ -294,9 +293,9 @@ def test_dead_run_resumes_from_last_checkpoint_bit_identical(tmp_path, resume_te
     assert os.path.isfile(ckpt / "step-00000006" / "tokenizer" / "tokenizer.json")  # the run's BPE
 
     # the resumed run reuses the saved BPE (retraining it could change the token ids)
-    import app.ml.base
+    import app.ml.pretrain
 
-    monkeypatch.setattr(app.ml.base, "train_bytelevel_bpe", lambda *a, **k: pytest.fail("BPE retrained"))
+    monkeypatch.setattr(app.ml.pretrain, "train_bytelevel_bpe", lambda *a, **k: pytest.fail("BPE retrained"))
     progress = _StopAfter(10**6)
     r = train_base(str(tmp_path / "resumed"), *resume_texts, size="tiny", config=RESUME_CFG, seed=3,
                    device="cpu", callbacks=progress, checkpoint_dir=ckpt, checkpoint_every=2)
@@ -349,7 +348,7 @@ def test_checkpoint_of_another_run_is_refused(tmp_path, resume_texts):
                seed=3, device="cpu", callbacks=_StopAfter(2), checkpoint_dir=ckpt)
     with pytest.raises(ValueError, match="another run"):
         train_base(str(tmp_path / "b"), *resume_texts, size="tiny",
-                   config=BaseTrainingConfig(steps=3, max_eval_blocks=2, lr=1e-2), seed=3, device="cpu",
+                   config=BaseTrainingConfig(steps=3, max_eval_blocks=2, learning_rate=1e-2), seed=3, device="cpu",
                    checkpoint_dir=ckpt)
 
 
@@ -362,7 +361,7 @@ BUILD_CFG = BaseTrainingConfig(steps=4, batch_size=2, max_seq_len=32, max_eval_b
 
 
 def test_killed_default_build_resumes_from_its_checkpoint_same_fingerprint(tmp_path, small_default_corpus):
-    from app.ml.base import build_default_base
+    from app.ml.pretrain import build_default_base
 
     straight = build_default_base(str(tmp_path / "straight"), config=BUILD_CFG)
     assert straight.meta["resumed_from_step"] is None and straight.steps == 4
@@ -389,7 +388,7 @@ def test_killed_default_build_resumes_from_its_checkpoint_same_fingerprint(tmp_p
 def test_default_build_discards_checkpoints_of_another_build(tmp_path, small_default_corpus):
     """E.g. DEFAULT_BASE_BUILD_STEPS or the Python version changed between two starts: the build
     starts over instead of refusing to start."""
-    from app.ml.base import build_default_base
+    from app.ml.pretrain import build_default_base
 
     ckpt = tmp_path / "ckpt"
     with pytest.raises(_Died):

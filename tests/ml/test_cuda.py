@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from app.ml.base import load_base, resolve_device, resolve_serving_dtype
+from app.ml.config import PrefixTrainingConfig
 from app.ml.data import encode_prompt
 from app.ml.generate import GenerationRequest, generate
 from app.ml.prefix import table_to_key_values
-from app.ml.train import PrefixTrainingConfig, train_prefix
+from app.ml.train import train_prefix
 from tests.ml.test_generate import PROMPTS, _prefix
 from tests.ml.test_train import FILL, make_learnable_base, task
 

@@ -12,11 +12,11 @@ from transformers import AutoModelForCausalLM
 
 from app.ml.base import load_base
 from app.ml.callbacks import TrainingCallbacks
+from app.ml.config import PrefixTrainingConfig
 from app.ml.data import Example, encode_prompt
 from app.ml.kvcache import FrozenPrefixCache, ModelGeometry, batch_prefixes, positions_from_mask
 from app.ml.prefix import PrefixConfig, table_to_key_values
 from app.ml.train import (
-    PrefixTrainingConfig,
     _batch_loss,
     _frozen_eval_mode,
     checkpoint_table,

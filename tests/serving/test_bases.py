@@ -61,9 +61,9 @@ def test_default_base_is_built_once_and_registered(store, tiny_base_dirs, monkey
         calls.append(out_dir)
         shutil.copytree(tiny_base_dirs["llama"], out_dir, dirs_exist_ok=True)
 
-    import app.ml.base
+    import app.ml.pretrain
 
-    monkeypatch.setattr(app.ml.base, "build_default_base", fake_build)
+    monkeypatch.setattr(app.ml.pretrain, "build_default_base", fake_build)
     with factory() as s:
         rec = bases.ensure_default_base(settings, s, blobs)
         assert rec.id == "default" and rec.kind == "base" and rec.tenant_id is None
@@ -97,9 +97,9 @@ def test_default_base_build_steps_setting_reaches_the_build(store, tiny_base_dir
         seen.append(config)
         shutil.copytree(tiny_base_dirs["llama"], out_dir, dirs_exist_ok=True)
 
-    import app.ml.base
+    import app.ml.pretrain
 
-    monkeypatch.setattr(app.ml.base, "build_default_base", fake_build)
+    monkeypatch.setattr(app.ml.pretrain, "build_default_base", fake_build)
     with factory() as s:
         bases.ensure_default_base(settings.model_copy(update={"default_base_build_steps": 5}), s, blobs)
     assert seen[0].steps == 5
