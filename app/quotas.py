@@ -51,8 +51,6 @@ from collections import deque
 
 from sqlalchemy import func, select, update
 
-from app.api.errors import APIError
-
 log = logging.getLogger("prefixd.quotas")
 
 QUOTA_SETTINGS = {
@@ -64,33 +62,32 @@ QUOTA_SETTINGS = {
     "tokens_per_minute": "quota_tokens_per_minute",
 }
 WINDOW_S = 60
-_NO_RETRY = {"x-should-retry": "false"}
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 REDIS_KEY_PREFIX = "prefixd:rate:"
 UNAVAILABLE_RETRY_S = 2  # also how long a process stops asking an unreachable Redis
 
 
-class QuotaExceeded(APIError):
-    """429 naming the quota; an `APIError`, so it becomes the OpenAI envelope."""
+class QuotaExceeded(Exception):
+    """Over one of a tenant's quotas (the message names it). A `rate` quota (per minute) clears by
+    itself after `retry_after_s`; a stock quota (storage, files, adapters) only once something is
+    deleted. The API answers 429 (app/api/errors.py)."""
 
     def __init__(self, quota: str, message: str, retry_after_s: int, *, rate: bool):
-        headers = {"Retry-After": str(max(1, int(retry_after_s)))}
-        if not rate:
-            headers.update(_NO_RETRY)
-        super().__init__(429, message, type="rate_limit_error" if rate else "insufficient_quota",
-                         code=f"{quota}_quota_exceeded", headers=headers)
-        self.quota = quota
+        super().__init__(message)
+        self.quota, self.message, self.rate = quota, message, rate
         self.retry_after_s = max(1, int(retry_after_s))
 
 
-class RateLimiterUnavailable(APIError):
-    """503 + Retry-After: the shared rate windows (Redis) cannot be reached. Refusing is the only
-    answer that keeps the quota: admitting unmetered would let every replica serve unlimited."""
+class RateLimiterUnavailable(Exception):
+    """The shared rate windows (Redis) cannot be reached. Refusing is the only answer that keeps the
+    quota: admitting unmetered would let every replica serve unlimited. The API answers 503."""
+
+    retry_after_s = UNAVAILABLE_RETRY_S
 
     def __init__(self):
-        super().__init__(503, f"The rate limiter is unavailable (its store cannot be reached); retry after "
-                              f"{UNAVAILABLE_RETRY_S} s", code="rate_limiter_unavailable",
-                         headers={"Retry-After": str(UNAVAILABLE_RETRY_S)})
+        super().__init__(f"The rate limiter is unavailable (its store cannot be reached); retry after "
+                         f"{UNAVAILABLE_RETRY_S} s")
+        self.message = str(self)
 
 
 def limit_of(tenant, settings, quota: str) -> int:

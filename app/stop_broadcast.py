@@ -49,6 +49,8 @@ import threading
 import time
 import uuid
 
+from app.store.ids import is_valid_id
+
 log = logging.getLogger("prefixd.stops")
 
 CHANNEL_PREFIX = "prefixd:stops:"
@@ -82,8 +84,6 @@ def decode(data) -> dict | None:
 
 
 def decode_obj(obj) -> dict | None:
-    from app.api.errors import is_valid_id
-
     if not isinstance(obj, dict):
         return None
     kind = obj.get("kind")
@@ -106,10 +106,52 @@ def decode_obj(obj) -> dict | None:
 # ----------------------------------------------------------------------------- applying
 
 
+class RecentlyStopped:
+    """Key hashes revoked and tenants suspended or deleted in the last `ttl_s` seconds, in this
+    process. A request authenticated just before its key was revoked can reach the engine just
+    after the engine cancelled that key's rows; the inference routes check this after submitting
+    and cancel their own rows, so no request that was in flight at the revocation completes. The
+    window between auth and submit is seconds at most, hence the short memory."""
+
+    def __init__(self, ttl_s: float = 600.0):
+        self.ttl_s = ttl_s
+        self._at: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def add(self, name: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._at = {k: t for k, t in self._at.items() if now - t < self.ttl_s}
+            self._at[name] = now
+
+    def discard(self, name: str) -> None:
+        with self._lock:
+            self._at.pop(name, None)
+
+    def __contains__(self, name: str) -> bool:
+        with self._lock:
+            t = self._at.get(name)
+        return t is not None and time.monotonic() - t < self.ttl_s
+
+
+_stopped_lock = threading.Lock()
+
+
+def recently_stopped(app) -> RecentlyStopped:
+    """The process's `RecentlyStopped`, on `app.state` (created on first use)."""
+    rs = getattr(app.state, "recently_stopped", None)
+    if rs is None:
+        with _stopped_lock:
+            rs = getattr(app.state, "recently_stopped", None)
+            if rs is None:
+                rs = app.state.recently_stopped = RecentlyStopped()
+    return rs
+
+
+
+
 def apply(app, msg: dict) -> int:
     """Apply a (decoded) stop message in this process; returns how many rows the engine cancelled."""
-    from app.api.deps import recently_stopped
-
     kind = msg["kind"]
     if kind == "adapter_deleted":
         _serving_call(app, "evict", msg["model_id"])

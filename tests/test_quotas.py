@@ -16,9 +16,9 @@ import pytest
 
 from fastapi import Request
 
-from app.api.errors import APIError
+from app.api.errors import quota_error
 from app.config import Settings
-from app.quotas import RateLimiter, RedisSlidingWindow, SlidingWindow, effective_quotas, limit_of
+from app.quotas import QuotaExceeded, RateLimiter, RedisSlidingWindow, SlidingWindow, effective_quotas, limit_of
 
 
 class Clock:
@@ -106,20 +106,21 @@ def test_rate_limiter_raises_429_naming_the_quota():
     t = _tenant()
     lim.check_request(t, s)
     lim.check_request(t, s)
-    with pytest.raises(APIError) as e:
+    with pytest.raises(QuotaExceeded) as e:
         lim.check_request(t, s)
-    err = e.value
+    assert e.value.quota == "requests_per_minute" and e.value.rate
+    err = quota_error(e.value)  # the API's answer to it
     assert err.status_code == 429 and err.type == "rate_limit_error"
     assert err.code == "requests_per_minute_quota_exceeded"
     assert "requests_per_minute quota of 2 exceeded" in err.message
     assert 1 <= int(err.headers["Retry-After"]) <= 60
     lim.charge_tokens(t, s, 80)
-    with pytest.raises(APIError) as e:
+    with pytest.raises(QuotaExceeded) as e:
         lim.charge_tokens(t, s, 30)
     assert "tokens_per_minute quota of 100 exceeded" in e.value.message
-    with pytest.raises(APIError) as e:
+    with pytest.raises(QuotaExceeded) as e:
         lim.charge_tokens(t, s, 101)
-    assert "alone needs 101 tokens" in e.value.message and e.value.headers["Retry-After"] == "60"
+    assert "alone needs 101 tokens" in e.value.message and quota_error(e.value).headers["Retry-After"] == "60"
     assert lim.usage("t1") == {"requests_per_minute": 2, "tokens_per_minute": 80}
     clock.t += 61
     lim.check_request(t, s)
@@ -184,13 +185,14 @@ def test_two_replicas_share_one_budget(redis_prefix):
     for lim in (a, b, a, b):
         lim.check_request(t, s)
     for lim in (a, b):  # K replicas no longer allow K x the quota
-        with pytest.raises(APIError) as e:
+        with pytest.raises(QuotaExceeded) as e:
             lim.check_request(t, s)
-        assert e.value.status_code == 429 and e.value.code == "requests_per_minute_quota_exceeded"
+        err = quota_error(e.value)
+        assert err.status_code == 429 and err.code == "requests_per_minute_quota_exceeded"
         assert "requests_per_minute quota of 4 exceeded" in e.value.message
-        assert 1 <= int(e.value.headers["Retry-After"]) <= 60
+        assert 1 <= int(err.headers["Retry-After"]) <= 60
     a.charge_tokens(t, s, 60)
-    with pytest.raises(APIError) as e:
+    with pytest.raises(QuotaExceeded) as e:
         b.charge_tokens(t, s, 41)
     assert "tokens_per_minute quota of 100 exceeded" in e.value.message
     b.charge_tokens(t, s, 40)
@@ -212,8 +214,8 @@ def test_redis_limiter_never_over_admits_under_concurrency(redis_prefix):
             try:
                 lim.check_request(t, s)
                 admitted.append(1)
-            except APIError as e:
-                assert e.status_code == 429
+            except QuotaExceeded as e:
+                assert quota_error(e).status_code == 429
                 refused.append(1)
 
     threads = [threading.Thread(target=hammer, args=(replicas[i % 3],)) for i in range(12)]

@@ -16,7 +16,8 @@ import pytest
 from starlette.datastructures import State
 
 from app import stop_broadcast as sb
-from app.api.deps import hash_key, recently_stopped
+from app.api.deps import hash_key
+from app.stop_broadcast import recently_stopped
 from app.config import Settings
 
 REDIS_URL = os.environ.get("PREFIXD_TEST_REDIS", "redis://127.0.0.1:6379") + "/0"

@@ -14,7 +14,8 @@ from sqlalchemy import delete, func, select
 
 from app import quotas, stop_broadcast
 from app.api.deps import AdminDep, BlobsDep, SessionDep, hash_key, new_api_key
-from app.api.errors import ID_PATTERN, bad_request, is_valid_id, not_found
+from app.api.errors import bad_request, not_found
+from app.store.ids import ID_PATTERN, is_valid_id
 from app.api.schemas import (
     ApiKeyCreated, ApiKeyDeleted, ApiKeyList, ApiKeyPublic, TenantCreate, TenantCreated, TenantDeleted,
     TenantList, TenantPublic, TenantUpdate,

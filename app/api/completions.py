@@ -67,7 +67,8 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.api.deps import SessionDep, SettingsDep, TenantDep, bearer_token, hash_key, recently_stopped
+from app.api.deps import SessionDep, SettingsDep, TenantDep, bearer_token, hash_key
+from app.stop_broadcast import recently_stopped
 from app.api.errors import APIError, envelope
 from app.api.models import Resolved, get_engine, resolve_model
 from app.ml.generate import MIN_TOP_P, GenerationFailedError

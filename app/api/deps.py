@@ -19,8 +19,6 @@ import hmac
 import logging
 import os
 import secrets
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
@@ -161,48 +159,6 @@ def require_admin(request: Request, session: SessionDep) -> None:
     if lookup_tenant(session, token) is not None:
         raise APIError(403, "Admin routes need the admin key", "permission_error", code="admin_only")
     raise _bad_key()
-
-
-class RecentlyStopped:
-    """Key hashes revoked and tenants suspended or deleted in the last `ttl_s` seconds, in this
-    process. A request authenticated just before its key was revoked can reach the engine just
-    after the engine cancelled that key's rows; the inference routes check this after submitting
-    and cancel their own rows, so no request that was in flight at the revocation completes. The
-    window between auth and submit is seconds at most, hence the short memory."""
-
-    def __init__(self, ttl_s: float = 600.0):
-        self.ttl_s = ttl_s
-        self._at: dict[str, float] = {}
-        self._lock = threading.Lock()
-
-    def add(self, name: str) -> None:
-        now = time.monotonic()
-        with self._lock:
-            self._at = {k: t for k, t in self._at.items() if now - t < self.ttl_s}
-            self._at[name] = now
-
-    def discard(self, name: str) -> None:
-        with self._lock:
-            self._at.pop(name, None)
-
-    def __contains__(self, name: str) -> bool:
-        with self._lock:
-            t = self._at.get(name)
-        return t is not None and time.monotonic() - t < self.ttl_s
-
-
-_stopped_lock = threading.Lock()
-
-
-def recently_stopped(app) -> RecentlyStopped:
-    """The process's `RecentlyStopped`, on `app.state` (created on first use)."""
-    rs = getattr(app.state, "recently_stopped", None)
-    if rs is None:
-        with _stopped_lock:
-            rs = getattr(app.state, "recently_stopped", None)
-            if rs is None:
-                rs = app.state.recently_stopped = RecentlyStopped()
-    return rs
 
 
 TenantDep = Annotated[Tenant, Depends(get_tenant)]

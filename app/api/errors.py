@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.quotas import QuotaExceeded, RateLimiterUnavailable
 from app.store.storage import StorageFullError, full_message, is_storage_full
 
 log = logging.getLogger("prefixd.errors")
@@ -73,15 +74,6 @@ class APIError(Exception):
         self.param = param
         self.code = code
         self.headers = headers
-
-
-ID_PATTERN = r"^[A-Za-z0-9:._-]{1,255}$"
-_ID_RE = re.compile(ID_PATTERN)
-
-
-def is_valid_id(value: str | None) -> bool:
-    """Ids the service issues are URL-safe; anything else (NUL bytes, slashes, 1 MB) names nothing."""
-    return isinstance(value, str) and bool(_ID_RE.match(value))
 
 
 # convenience constructors used across routers
@@ -200,14 +192,39 @@ def _root_cause(exc: BaseException | None) -> str:
     return f"{type(exc).__name__}: {exc}" if exc is not None else "-"
 
 
+def _api_error_response(exc: APIError):
+    return error_response(exc.status_code, exc.message, exc.type, exc.param, exc.code, exc.headers)
+
+
+def quota_error(exc: QuotaExceeded) -> APIError:
+    """429 naming the quota. A stock quota says `x-should-retry: false`: waiting frees nothing."""
+    headers = {"Retry-After": str(exc.retry_after_s)}
+    if not exc.rate:
+        headers["x-should-retry"] = "false"
+    return APIError(429, exc.message, type="rate_limit_error" if exc.rate else "insufficient_quota",
+                    code=f"{exc.quota}_quota_exceeded", headers=headers)
+
+
+def rate_limiter_error(exc: RateLimiterUnavailable) -> APIError:
+    return APIError(503, exc.message, code="rate_limiter_unavailable", headers={"Retry-After": str(exc.retry_after_s)})
+
+
 def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(QuotaExceeded)
+    async def _quota(request: Request, exc: QuotaExceeded):
+        return _api_error_response(quota_error(exc))
+
+    @app.exception_handler(RateLimiterUnavailable)
+    async def _rate_limiter(request: Request, exc: RateLimiterUnavailable):
+        return _api_error_response(rate_limiter_error(exc))
+
     @app.exception_handler(StorageFullError)
     async def _storage_full(request: Request, exc: StorageFullError):
         return storage_full_response(request, exc)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
-        return error_response(exc.status_code, exc.message, exc.type, exc.param, exc.code, exc.headers)
+        return _api_error_response(exc)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):

@@ -21,7 +21,8 @@ from sqlalchemy import and_, or_, select
 
 from app import quotas
 from app.api.deps import BlobsDep, SessionDep, SettingsDep, TenantDep
-from app.api.errors import ID_PATTERN, APIError, is_valid_id, not_found
+from app.api.errors import APIError, not_found
+from app.store.ids import ID_PATTERN, is_valid_id
 from app.api.schemas import FileDeleted, FileList, FileObject
 from app.store.models import File, Job, new_id
 from app.store.storage import ensure_reserve, storage_errors, with_reserve
