@@ -87,6 +87,9 @@ class Settings(BaseSettings):
     max_running_jobs_per_tenant: int = 2
     # seconds between the periodic checks (stale heartbeats, jobs waiting for file validation)
     job_monitor_interval_s: float = 2.0
+    # a queued job that no worker claimed this long after its message was sent is sent again (the
+    # broker may have lost it: restarted empty); the wait doubles at each send, up to 10 times this
+    job_resend_after_s: float = Field(default=60.0, gt=0)
     # a file still `uploaded` this long after its upload has lost its validator (the replica that
     # accepted it died): the monitor claims it and validates it. Longer than validating the
     # largest upload takes, so that the accepting replica is not raced

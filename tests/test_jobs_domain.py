@@ -16,7 +16,7 @@ import torch
 from sqlalchemy import select
 
 from app.config import Settings
-from app.jobs import runner, service, state
+from app.jobs import outbox, runner, service, state
 from app.jobs.context import JobContext
 from app.jobs.monitor import check_once
 from app.jobs.spec import SpecError, check_limits, normalize_method, parse_job_create
@@ -452,7 +452,10 @@ def test_running_quota_defers(env):
         assert state.claim_job(s, a.id, "w1", 60)
     env.sent.clear()
     assert runner.run_job(b.id, env.ctx) == "deferred"
-    assert env.sent == [b.id] and _job(env, b.id).status == "queued"
+    assert env.sent == [] and _job(env, b.id).status == "queued"
+    # its outbox entry is due again after the deferral's delay: sent then, not before
+    assert outbox.relay(env.ctx) == []
+    assert outbox.relay(env.ctx, now=time.time() + 5) == [b.id] and env.sent == [b.id]
 
 
 @pytest.mark.parametrize("database_url", ["sqlite", "postgresql"], indirect=True)

@@ -9,6 +9,8 @@ import sqlite3
 import time
 
 import pytest
+
+from app.jobs import outbox
 from fastapi.testclient import TestClient
 from sqlalchemy import event, select
 
@@ -186,8 +188,6 @@ def _storage_events(env, job_id):
 
 def test_a_job_that_finds_the_storage_full_is_requeued_and_resumes(env):
     env.settings.job_storage_full_retry_delay_s = 7.0
-    countdowns = []
-    env.ctx.enqueue = lambda job_id, countdown=None: countdowns.append((job_id, countdown))
     job = env.create({"model": "tiny", "training_file": env.add_file(rows=_dataset(40)), "method": SMALL})
     # the first checkpoint is stored; the disk is full from the second on
     checkpoints: list[str] = []
@@ -202,12 +202,15 @@ def test_a_job_that_finds_the_storage_full_is_requeued_and_resumes(env):
     with env.sf() as s:
         j = s.get(type(job), job.id)
         assert j.status == "queued" and j.error is None and j.worker_id is None
-        assert j.heartbeat_at > time.time() + 5  # the monitor does not re-send it before the delay
+        (entry,) = outbox.pending(s, [job.id])
+        assert entry.not_before > time.time() + 5  # its message is due after the delay, not before
     (ev,) = _storage_events(env, job.id)
     step = ev.data["resume_step"]
     assert step > 0 and ev.level == "warning"
     assert ev.message == f"Storage full; job requeued, resuming from step {step} in 7 s (retry 1 of 3)"
-    assert countdowns == [(job.id, 7.0)]
+    env.sent.clear()
+    assert outbox.relay(env.ctx) == [] and env.sent == []
+    assert outbox.relay(env.ctx, now=time.time() + 8) == [job.id] and env.sent == [job.id]
     assert env.blobs.list(f"checkpoints/tenant-a/{job.id}/")  # kept for the resume
     assert not (env.settings.data_dir / "jobs" / job.id).exists()  # local copies dropped
     # space is back: the retry resumes from that checkpoint and succeeds
@@ -224,7 +227,8 @@ def test_a_job_fails_with_storage_full_once_its_retries_are_spent(env):
     job = env.create({"model": "tiny", "training_file": env.add_file(rows=_dataset(40)), "method": SMALL})
     env.ctx.blobs = FullBlobStore(env.blobs)  # nothing can be stored at all
     assert runner.run_job(job.id, env.ctx) == "requeued"
-    assert env.sent == [job.id]
+    env.sent.clear()
+    assert outbox.relay(env.ctx) == [job.id] and env.sent == [job.id]  # due at once (no delay)
     assert runner.run_job(job.id, env.ctx) == "failed"
     with env.sf() as s:
         j = s.get(type(job), job.id)

@@ -10,6 +10,12 @@ GPU training facts applied here (see ../shared/DESIGN.md, "Celery for GPU traini
 - A long visibility timeout, so Redis does not redeliver a message of a job still running
   (celery#5935); the heartbeat monitor handles workers that really died.
 - No result backend: results live in the jobs table.
+- A publish gives up within seconds: one retry, and Redis socket timeouts of
+  `BROKER_SOCKET_TIMEOUT_S` (without them a publish to a Redis that stalls, or whose connection
+  went half-open, waits forever). A job whose message was not sent is still owed it in the outbox
+  (app/jobs/outbox.py), and the job monitor sends it once the broker answers.
+- This module is the worker's composition root for the job domain: `enqueue_for(settings)` is
+  the `enqueue` function the worker's job context gets (and the API's, from its lifespan).
 - CUDA is never touched in the parent (pytorch#40403): torch threads are set per process on
   `worker_process_init`; the parent only runs the job monitor, which uses the database.
 
@@ -21,15 +27,20 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from celery import Celery, signals
 
 from app.config import Settings, get_settings
+from app.jobs.context import default_context, set_default_context, set_default_enqueue
 
 log = logging.getLogger("prefixd.worker")
 
 VISIBILITY_TIMEOUT_S = 7 * 24 * 3600
+# a Redis reply takes milliseconds, and the consumer's BRPOP (polling_interval 0.5 s) runs in the
+# event loop, which applies no socket timeout
+BROKER_SOCKET_TIMEOUT_S = 3.0
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -47,8 +58,14 @@ def make_celery(settings: Settings) -> Celery:
         accept_content=["json"],
         # kombu's sqla transport hands its transport options to create_engine: give it none
         broker_transport_options=(
-            {"visibility_timeout": VISIBILITY_TIMEOUT_S, "polling_interval": 0.5} if settings.redis_url else {}
+            {"visibility_timeout": VISIBILITY_TIMEOUT_S, "polling_interval": 0.5,
+             "socket_timeout": BROKER_SOCKET_TIMEOUT_S, "socket_connect_timeout": BROKER_SOCKET_TIMEOUT_S}
+            if settings.redis_url else {}
         ),
+        # one retry covers a pooled connection that a broker restart closed; more would only hold
+        # the sender (an API thread, a monitor pass) while the broker is down
+        task_publish_retry_policy={"max_retries": 1, "interval_start": 0, "interval_step": 0.5,
+                                   "interval_max": 0.5},
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
@@ -74,6 +91,22 @@ def celery_app_for(settings: Settings) -> Celery:
         if key not in _apps:
             _apps[key] = make_celery(settings)
         return _apps[key]
+
+
+def enqueue_for(settings: Settings) -> Callable[..., None]:
+    """`enqueue(job_id, countdown_s=None)`: a `run_job(job_id)` message on the GPU queue; only the
+    id crosses the broker. Raises when the broker cannot be reached."""
+    app = celery_app_for(settings)
+
+    def enqueue(job_id: str, countdown: float | None = None) -> None:
+        app.send_task("worker.tasks.run_job", args=[job_id], queue=settings.celery_queue, countdown=countdown)
+
+    return enqueue
+
+
+def _compose(**_kw) -> None:
+    """The worker's job context sends through this Celery app."""
+    set_default_enqueue(enqueue_for(get_settings()))
 
 
 def _set_torch_threads(**_kw) -> None:
@@ -102,14 +135,13 @@ def _preload(**_kw) -> None:
 
 
 def _init_process(**kw) -> None:
+    _compose(**kw)
     _set_torch_threads(**kw)
     _preload(**kw)
 
 
 def _init_child(**kw) -> None:
     """A forked pool child must not reuse the parent's database connections."""
-    from app.jobs.context import set_default_context
-
     set_default_context(None)
     _init_process(**kw)
 
@@ -125,7 +157,6 @@ _monitor = None
 def _start_monitor(**_kw) -> None:
     """Requeue jobs whose worker died, promote jobs whose files finished validation."""
     global _monitor
-    from app.jobs.context import default_context
     from app.jobs.monitor import Monitor
 
     try:

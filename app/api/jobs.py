@@ -1,12 +1,17 @@
 """Fine-tuning jobs: `/v1/fine_tuning/jobs` in OpenAI's shapes, plus our `prefix` and `base` methods.
 
-The router is thin: it parses, calls `app.jobs.service`, commits, and only then enqueues (the job
-id alone crosses the broker). Request bodies are strict (`extra="forbid"`); a bad field is a 400
-whose `param` is the field's path, e.g. `method.prefix.hyperparameters.n_epochs`.
+The router is thin: it parses, calls `app.jobs.service`, commits (a queued job together with its
+outbox entry, `app.jobs.outbox`), answers, and then relays the entry to the broker in the
+background: a broker that is down or stalls never delays or fails the answer, and the monitor
+sends what the relay could not. Only the job id crosses the broker. Request bodies are strict
+(`extra="forbid"`); a bad field is a 400 whose `param` is the field's path, e.g.
+`method.prefix.hyperparameters.n_epochs`.
 
 The router's lifespan runs the job monitor (`app.jobs.monitor`) in the API process too, so jobs
-waiting for file validation move on, and jobs of dead workers are requeued, even with no worker
-monitor running.
+waiting for file validation move on, jobs of dead workers are requeued, and outbox entries are
+sent, even with no worker monitor running. The lifespan is the API's composition root for the job
+domain: it hands the job context its `enqueue` function (`app.state.enqueue` when set, else the
+Celery producer of `worker.celery_app`).
 """
 
 from __future__ import annotations
@@ -16,16 +21,16 @@ import logging
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Body, Path, Query, Request
+from fastapi import APIRouter, BackgroundTasks, Body, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field
 
 from app.api.deps import SessionDep, SettingsDep, TenantDep
 from app.api.errors import APIError
-from app.jobs import service
-from app.jobs.context import JobContext
-from app.jobs.monitor import Monitor, send
+from app.jobs import outbox, service
+from app.jobs.context import Enqueue, JobContext
+from app.jobs.monitor import Monitor
 from app.jobs.spec import JobCreate, SpecError, loc_to_param
 
 log = logging.getLogger("prefixd.api.jobs")
@@ -146,13 +151,34 @@ class JobsRoute(APIRoute):
         return route_handler
 
 
+def celery_enqueue(settings) -> Enqueue:
+    """The Celery producer for these settings. `worker.celery_app` is imported at the first send:
+    importing it builds the environment's Celery app, which an API run with other settings (as
+    in tests) has no use for."""
+    enqueue: Enqueue | None = None
+
+    def send(job_id: str, countdown: float | None = None) -> None:
+        nonlocal enqueue
+        if enqueue is None:
+            from worker.celery_app import enqueue_for
+
+            enqueue = enqueue_for(settings)
+        enqueue(job_id, countdown)
+
+    return send
+
+
+def _new_jobs_context(app) -> JobContext:
+    st = app.state
+    # the app: files the monitor validates (app.jobs.recovery) count tokens with the served tokenizer
+    st.jobs_context = JobContext(st.settings, st.session_factory, st.blobs,
+                                 enqueue=getattr(st, "enqueue", None) or celery_enqueue(st.settings),
+                                 extra={"app": app})
+    return st.jobs_context
+
+
 def _ctx(request: Request) -> JobContext:
-    st = request.app.state
-    ctx = getattr(st, "jobs_context", None)
-    if ctx is None:
-        ctx = JobContext(st.settings, st.session_factory, st.blobs)
-        st.jobs_context = ctx
-    return ctx
+    return getattr(request.app.state, "jobs_context", None) or _new_jobs_context(request.app)
 
 
 @asynccontextmanager
@@ -161,10 +187,7 @@ async def lifespan(app):
     monitor = None
     st = app.state
     if getattr(st, "session_factory", None) is not None:
-        # the app: files the monitor validates (app.jobs.recovery) count tokens with the served tokenizer
-        ctx = JobContext(st.settings, st.session_factory, st.blobs, extra={"app": app})
-        st.jobs_context = ctx
-        monitor = Monitor(ctx).start()
+        monitor = Monitor(_new_jobs_context(app)).start()
     try:
         yield
     finally:
@@ -182,14 +205,14 @@ After = Annotated[str | None, Query(description="The last id of the previous pag
 Limit = Annotated[int, Query(ge=1, le=service.MAX_PAGE, description=f"Page size, 1 to {service.MAX_PAGE}")]
 
 
-def _refresh_validating(request: Request, session, job) -> None:
+def _refresh_validating(request: Request, background: BackgroundTasks, session, job) -> None:
     """A job waiting for its files: check them now rather than at the monitor's next pass."""
     if job.status != "validating_files":
         return
     ids = service.promote_validating(session, job.tenant_id, job.id)
     session.commit()
-    for job_id in ids:
-        send(_ctx(request), job_id)
+    if ids:
+        background.add_task(outbox.relay_soon, _ctx(request), ids)
     session.refresh(job)
 
 
@@ -197,14 +220,14 @@ def _refresh_validating(request: Request, session, job) -> None:
 
 
 @router.post("", response_model=JobPublic, summary="Create a fine-tuning job")
-def create_job(body: Annotated[JobCreate, Body()], request: Request, tenant: TenantDep, session: SessionDep,
-               settings: SettingsDep) -> dict:
+def create_job(body: Annotated[JobCreate, Body()], request: Request, background: BackgroundTasks,
+               tenant: TenantDep, session: SessionDep, settings: SettingsDep) -> dict:
     """Methods: `{"type": "prefix", "prefix": {...}}` (the default; OpenAI's `supervised` is an
     alias), or `{"type": "base", "base": {...}}` with `model` a base to continue, or `"scratch"`."""
     job = service.create_job(session, tenant, body, settings)
-    session.commit()
+    session.commit()  # a queued job with its outbox entry: `queued` is an answer the job keeps
     if job.status == "queued":
-        send(_ctx(request), job.id)
+        background.add_task(outbox.relay_soon, _ctx(request), [job.id])
     session.refresh(job)
     return service.job_public(job)
 
@@ -216,9 +239,10 @@ def list_jobs(tenant: TenantDep, session: SessionDep, after: After = None,
 
 
 @router.get("/{fine_tuning_job_id}", response_model=JobPublic, summary="Get a fine-tuning job")
-def get_job(fine_tuning_job_id: JobId, request: Request, tenant: TenantDep, session: SessionDep) -> dict:
+def get_job(fine_tuning_job_id: JobId, request: Request, background: BackgroundTasks, tenant: TenantDep,
+            session: SessionDep) -> dict:
     job = service.get_job(session, tenant.id, fine_tuning_job_id)
-    _refresh_validating(request, session, job)
+    _refresh_validating(request, background, session, job)
     return service.job_public(job)
 
 

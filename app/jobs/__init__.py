@@ -4,17 +4,12 @@
 - `state`: the state machine in the database (compare-and-set claim, heartbeats, cancel, requeue);
 - `service`: create/list/get/cancel and the OpenAI-shaped views (what the router calls);
 - `runner`: the worker side (`run_job`: claim, train through `app.ml`, record results);
-- `monitor`: the periodic check (stale heartbeats, jobs waiting for file validation).
+- `outbox`: the broker messages queued jobs are owed, committed with them, and their relay;
+- `monitor`: the periodic check (stale heartbeats, jobs waiting for file validation, the relay).
 """
 
-from app.jobs.context import JobContext, default_context, send_to_worker
+from app.jobs.context import JobContext, default_context
 from app.jobs.state import claim_job, requeue_stale_jobs
-
-
-def enqueue_job(job_id: str, settings=None, countdown: float | None = None) -> None:
-    from app.config import get_settings
-
-    send_to_worker(settings or get_settings(), job_id, countdown)
 
 
 def run_job(job_id: str, ctx: JobContext | None = None) -> str:
@@ -35,5 +30,5 @@ def run_base_job(run):
     return _run(run)
 
 
-__all__ = ["JobContext", "default_context", "enqueue_job", "claim_job", "requeue_stale_jobs", "run_job",
+__all__ = ["JobContext", "default_context", "claim_job", "requeue_stale_jobs", "run_job",
            "run_prefix_job", "run_base_job"]

@@ -1,6 +1,7 @@
 """What the job functions need from the process around them: settings, a session factory, the blob
-store and a way to enqueue. The worker builds one per process from the settings; tests and the
-API pass their own."""
+store and a way to enqueue. The job domain does not know its transport: a composition root hands
+it an `enqueue` function (worker/celery_app.py for the worker's default context, the jobs router's
+lifespan for the API, a recording function in tests)."""
 
 from __future__ import annotations
 
@@ -14,14 +15,12 @@ from app.config import Settings, get_settings
 
 log = logging.getLogger("prefixd.jobs")
 
+# enqueue(job_id, countdown_s=None): put `run_job(job_id)` on the broker, after countdown_s if given
+Enqueue = Callable[..., None]
 
-def send_to_worker(settings: Settings, job_id: str, countdown: float | None = None) -> None:
-    """Put `run_job(job_id)` on the GPU queue. Only the id crosses the broker."""
-    from worker.celery_app import celery_app_for
 
-    celery_app_for(settings).send_task(
-        "worker.tasks.run_job", args=[job_id], queue=settings.celery_queue, countdown=countdown
-    )
+class NoBroker(RuntimeError):
+    """This context was given no enqueue function: it cannot send (a monitor elsewhere does)."""
 
 
 @dataclass
@@ -29,20 +28,34 @@ class JobContext:
     settings: Settings
     session_factory: Callable[[], Any]
     blobs: Any
-    # enqueue(job_id, countdown_s | None); default: a Celery message on settings.celery_queue
-    enqueue: Callable[[str, float | None], None] | None = None
+    # None: this process only writes the outbox (app/jobs/outbox.py); a process with a broker sends
+    enqueue: Enqueue | None = None
     worker_name: str = "worker"
     extra: dict = field(default_factory=dict)
 
     def send(self, job_id: str, countdown: float | None = None) -> None:
-        if self.enqueue is not None:
-            self.enqueue(job_id, countdown)
+        """One message now. Callers other than the outbox's relay should write an outbox entry
+        (`app.jobs.outbox.write`) instead, so that a lost message is sent again."""
+        if self.enqueue is None:
+            raise NoBroker(f"no enqueue function to send job {job_id}")
+        if countdown is None:
+            self.enqueue(job_id)
         else:
-            send_to_worker(self.settings, job_id, countdown)
+            self.enqueue(job_id, countdown)
 
 
 _ctx: JobContext | None = None
+_enqueue: Enqueue | None = None
 _lock = threading.Lock()
+
+
+def set_default_enqueue(enqueue: Enqueue | None) -> None:
+    """The enqueue function of the process-wide context (set by the worker's Celery app)."""
+    global _enqueue
+    with _lock:
+        _enqueue = enqueue
+        if _ctx is not None:
+            _ctx.enqueue = enqueue
 
 
 def default_context() -> JobContext:
@@ -56,7 +69,7 @@ def default_context() -> JobContext:
             settings = get_settings()
             engine = make_engine(settings.resolved_database_url)
             init_db(engine)
-            _ctx = JobContext(settings, make_session_factory(engine), make_blob_store(settings))
+            _ctx = JobContext(settings, make_session_factory(engine), make_blob_store(settings), enqueue=_enqueue)
         return _ctx
 
 

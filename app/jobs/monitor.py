@@ -4,12 +4,14 @@ Runs in every worker (a thread started on `worker_ready`, in the parent process,
 touches CUDA) and in every API process (a task in the jobs router's lifespan). Every step is a
 compare-and-set, so any number of them can run at once.
 
-1. validating_files jobs whose files finished validation: queued (and enqueued), or failed with
+1. validating_files jobs whose files finished validation: queued, or failed with
    `invalid_training_file`.
 2. running jobs whose heartbeat is older than `job_stale_after_s` (their worker died): back to
-   queued and enqueued; the next worker resumes from the last checkpoint.
-3. queued jobs that were sent long ago (`REKICK_AFTER_S`) and never picked up, e.g. a message
-   lost with a broker that was wiped: sent again (duplicates are harmless: the claim is a CAS).
+   queued; the next worker resumes from the last checkpoint.
+3. the outbox (`app.jobs.outbox`): entries of jobs no longer queued are dropped, then every entry
+   due is sent: a job queued while the broker was down as soon as it answers again, a job whose
+   message the broker lost (restarted empty) `JOB_RESEND_AFTER_S` after its send, if no worker
+   claimed it by then (duplicates are harmless: the claim is a CAS).
 4. (first) files left `uploaded` by a replica that died before validating them, and (last, every
    `sweep_interval_s`) orphan blobs: see `app.jobs.recovery`.
 """
@@ -18,45 +20,26 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 
-from sqlalchemy import or_, select, update
-
-from app.jobs import recovery, state
+from app.jobs import outbox, recovery, state
 from app.jobs.context import JobContext
 from app.jobs.service import promote_validating
-from app.store.models import Job
 
 log = logging.getLogger("prefixd.jobs.monitor")
 
 
-def rekick_after_s(settings) -> float:
-    return max(10 * settings.job_stale_after_s, 300.0)
-
-
 def check_once(ctx: JobContext) -> list[str]:
-    """One pass; returns the job ids it (re-)enqueued."""
+    """One pass; returns the job ids it sent to the broker."""
     settings = ctx.settings
     _guarded("file recovery", recovery.recover_uploaded_files, ctx)
     with ctx.session_factory() as s:
-        ids = promote_validating(s)
-        ids += state.requeue_stale_jobs(s, settings.job_stale_after_s)
+        promote_validating(s)
+        state.requeue_stale_jobs(s, settings.job_stale_after_s)
+        outbox.tidy(s, settings)
         s.commit()
-        cutoff = time.time() - rekick_after_s(settings)
-        old = s.scalars(select(Job.id).where(
-            Job.status == state.QUEUED, or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < cutoff))).all()
-        for job_id in old:
-            res = s.execute(update(Job).where(
-                Job.id == job_id, Job.status == state.QUEUED,
-                or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < cutoff)).values(heartbeat_at=time.time())
-                .execution_options(synchronize_session=False))
-            if res.rowcount == 1 and job_id not in ids:
-                ids.append(job_id)
-        s.commit()
-    for job_id in ids:
-        send(ctx, job_id)
+    sent = outbox.relay(ctx)
     _guarded("orphan blob sweep", recovery.maybe_sweep_orphans, ctx)
-    return ids
+    return sent
 
 
 def _guarded(what: str, step, ctx) -> None:
@@ -65,20 +48,6 @@ def _guarded(what: str, step, ctx) -> None:
         step(ctx)
     except Exception:
         log.warning("%s failed; retried at the next pass", what, exc_info=True)
-
-
-def send(ctx: JobContext, job_id: str, countdown: float | None = None) -> bool:
-    """Enqueue, marking the time on the job (a queued job's heartbeat_at = when it was last sent)."""
-    try:
-        with ctx.session_factory() as s:
-            s.execute(update(Job).where(Job.id == job_id, Job.status == state.QUEUED)
-                      .values(heartbeat_at=time.time()).execution_options(synchronize_session=False))
-            s.commit()
-        ctx.send(job_id, countdown)
-        return True
-    except Exception:
-        log.warning("could not enqueue job %s; the monitor retries later", job_id, exc_info=True)
-        return False
 
 
 class Monitor:

@@ -29,7 +29,8 @@ from typing import Any
 
 from sqlalchemy import func, select
 
-from app.jobs import state, storage_full
+from app.bases import materialize_base
+from app.jobs import outbox, state, storage_full
 from app.jobs.context import JobContext, default_context
 from app.jobs.data import DataError, eval_subset, holdout_split, read_corpus, read_jsonl, results_csv
 from app.jobs.hyperparameters import HyperparameterError, base_training_config, prefix_training_config
@@ -74,13 +75,12 @@ def run_job(job_id: str, ctx: JobContext | None = None) -> str:
             log.warning("run_job: no job %s", job_id)
             return "missing"
         if job.status == state.QUEUED and _at_running_quota(s, job, settings):
-            from app.jobs.monitor import send
-
-            tenant_id = job.tenant_id
-            s.rollback()  # release the tenant lock before talking to the broker
+            # it stays queued, owed a message again after the delay: a monitor sends it then
+            # (the commit releases the tenant lock)
             delay = max(1.0, settings.job_monitor_interval_s * 2)
-            log.info("job %s waits: tenant %s is at its running-jobs quota", job_id, tenant_id)
-            send(ctx, job_id, delay)
+            outbox.write(s, job_id, job.tenant_id, delay_s=delay)
+            s.commit()
+            log.info("job %s waits: tenant %s is at its running-jobs quota", job_id, job.tenant_id)
             return "deferred"
         if not state.claim_job(s, job_id, worker_id, settings.job_stale_after_s):
             log.info("job %s not claimed (status %s): another delivery or not runnable", job_id, job.status)
@@ -327,25 +327,7 @@ _BASE_CACHE: dict[str, object] = {}  # one loaded base per worker process, reuse
 
 
 def materialize(run: JobRun, record: ModelRecord) -> Path:
-    try:
-        from app.bases import materialize_base
-    except ImportError:
-        materialize_base = None
-    if materialize_base is not None:
-        return Path(materialize_base(run.settings, run.ctx.blobs, record))
-    # contract fallback: download bases/{slug}/ into DATA_DIR/models/{slug} once
-    target = Path(run.settings.data_dir) / "models" / record.id
-    if not (target / "config.json").exists():
-        prefix = record.blob_key.rstrip("/") + "/"
-        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        for key in run.ctx.blobs.list(prefix):
-            dest = tmp / key[len(prefix):]
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            run.ctx.blobs.download_to(key, dest)
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(tmp, target)
-    return target
+    return Path(materialize_base(run.settings, run.ctx.blobs, record))
 
 
 def job_device(settings):

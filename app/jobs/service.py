@@ -11,7 +11,7 @@ from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from app.config import Settings
-from app.jobs import state
+from app.jobs import outbox, state
 from app.jobs.spec import SpecError, check_limits, normalize_method, parse_job_create
 from app.store.models import File, Job, JobCheckpoint, JobEvent, ModelRecord, Tenant, new_id
 
@@ -130,8 +130,9 @@ def _check_base_preset(spec: dict) -> None:
 def create_job(session: Session, tenant: Tenant, body, settings: Settings) -> Job:
     """Validate a `POST /v1/fine_tuning/jobs` body and add the job (not committed).
 
-    The job starts `queued` when its files are processed, else `validating_files` (a poller
-    promotes it). Raises `SpecError` (400/404 naming the parameter)."""
+    The job starts `queued` when its files are processed, with its outbox entry (the caller
+    commits, then may relay it), else `validating_files` (a poller promotes it). Raises
+    `SpecError` (400/404 naming the parameter)."""
     from app.jobs.spec import JobCreate
 
     req = body if isinstance(body, JobCreate) else parse_job_create(body)
@@ -185,13 +186,16 @@ def create_job(session: Session, tenant: Tenant, body, settings: Settings) -> Jo
     )
     session.add(job)
     session.flush()
+    if ready:
+        outbox.write(session, job.id, tenant.id)
     state.add_event(session, job, "Validating training file" if not ready else "Job queued")
     return job
 
 
 def promote_validating(session: Session, tenant_id: str | None = None, job_id: str | None = None) -> list[str]:
     """Jobs waiting in validating_files whose files are done: queue them, or fail them with
-    `invalid_training_file` when a file ended in `error`. Returns the ids to enqueue (commit first)."""
+    `invalid_training_file` when a file ended in `error`. Returns the ids queued (with their outbox
+    entries; the caller commits, then may relay them)."""
     q = select(Job).where(Job.status == state.VALIDATING)
     if tenant_id is not None:
         q = q.where(Job.tenant_id == tenant_id)

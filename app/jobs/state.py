@@ -6,7 +6,9 @@
     running -> queued                               (its worker died: heartbeat stale; resumes)
 
 Every transition is a compare-and-set `UPDATE ... WHERE id = ? AND status = ?`, so two workers
-(a redelivered message, two API replicas' pollers) can race and only one wins. A worker proves
+(a redelivered message, two API replicas' pollers) can race and only one wins. A transition into
+queued writes the job's outbox entry (`app.jobs.outbox`) in its transaction, and the claim
+deletes it in its own: a queued job is owed a broker message until a worker takes it. A worker proves
 it still holds a running job through `worker_id`: heartbeats and the final write match on it, so
 a worker that lost its job (requeued after a long stall) cannot overwrite the new holder's work.
 """
@@ -19,6 +21,7 @@ import time
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
+from app.jobs import outbox
 from app.store.models import File, Job, JobCheckpoint, JobEvent, Tenant, now
 
 log = logging.getLogger("prefixd.jobs")
@@ -60,10 +63,12 @@ def _cas(session: Session, job_id: str, from_status: str | tuple[str, ...], **va
 
 
 def mark_queued(session: Session, job_id: str) -> bool:
-    """validating_files -> queued. The caller commits, then enqueues (only if this returned True)."""
+    """validating_files -> queued, with its outbox entry. The caller commits, then may relay."""
     ok = _cas(session, job_id, VALIDATING, status=QUEUED)
     if ok:
-        add_event(session, job_id, "Files validated; job queued")
+        tenant_id = session.scalar(select(Job.tenant_id).where(Job.id == job_id))
+        outbox.write(session, job_id, tenant_id)
+        add_event(session, job_id, "Files validated; job queued", tenant_id=tenant_id)
     return ok
 
 
@@ -94,6 +99,8 @@ def claim_job(session: Session, job_id: str, worker_id: str, stale_after_s: floa
         .values(status=RUNNING, worker_id=worker_id, heartbeat_at=t, started_at=now(), attempts=Job.attempts + 1)
         .execution_options(synchronize_session=False)
     )
+    if res.rowcount == 1:
+        outbox.remove(session, job_id)  # delivered: later copies of the message find nothing to claim
     session.commit()
     return res.rowcount == 1
 
@@ -142,6 +149,7 @@ def request_cancel(session: Session, job: Job) -> Job:
     if job.status in (VALIDATING, QUEUED):
         if _cas(session, job.id, (VALIDATING, QUEUED), status=CANCELLED, cancel_requested=True,
                 finished_at=now(), estimated_finish=None):
+            outbox.remove(session, job.id)
             add_event(session, job, "Job cancelled")
     elif job.status == RUNNING and not job.cancel_requested:
         session.execute(update(Job).where(Job.id == job.id, Job.status == RUNNING)
@@ -155,7 +163,7 @@ def request_cancel(session: Session, job: Job) -> Job:
 def requeue_stale_jobs(session: Session, stale_after_s: float) -> list[str]:
     """Running jobs whose heartbeat is older than `stale_after_s` (their worker died): put them back
     to queued so the next worker resumes them from their last checkpoint (see `requeue_lost`).
-    Returns the ids to enqueue (the caller commits first)."""
+    Returns their ids (their outbox entries are written; the caller commits, then may relay)."""
     cutoff = time.time() - stale_after_s
     stale = or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < cutoff)
     jobs = session.scalars(select(Job).where(Job.status == RUNNING, stale)).all()
@@ -202,6 +210,7 @@ def requeue_lost(session: Session, jobs: list[Job], still_lost) -> list[str]:
             add_event(session, job, msg, level=level, data={"worker_lost": True, "resume_step": step})
             log.warning("job %s: %s", job.id, msg)
             if values["status"] == QUEUED:
+                outbox.write(session, job.id, job.tenant_id)
                 to_enqueue.append(job.id)
     return to_enqueue
 

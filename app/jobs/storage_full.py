@@ -12,11 +12,10 @@ checkpoint count: after `JOB_STORAGE_FULL_RETRIES` of them the job fails with co
 from __future__ import annotations
 
 import logging
-import time
 
 from sqlalchemy import func, select, update
 
-from app.jobs import state
+from app.jobs import outbox, state
 from app.store.models import Job, JobCheckpoint, JobEvent
 from app.store.storage import with_reserve
 
@@ -55,14 +54,12 @@ def requeue_or_fail(run, exc: BaseException) -> str:
         with run.session() as s:
             res = s.execute(update(Job).where(Job.id == run.job_id, Job.status == state.RUNNING,
                                               Job.worker_id == run.worker_id)
-                            # a queued job's heartbeat_at is when it was (last) sent: here, when it
-                            # will be, so that the monitor's re-send of forgotten jobs waits too
-                            .values(status=state.QUEUED, worker_id=None, estimated_finish=None,
-                                    heartbeat_at=time.time() + delay)
+                            .values(status=state.QUEUED, worker_id=None, estimated_finish=None)
                             .execution_options(synchronize_session=False))
             if res.rowcount != 1:
                 s.rollback()
                 return False
+            outbox.write(s, run.job_id, run.tenant_id, delay_s=delay)  # the relay sends it when due
             state.add_event(s, run.job_id, msg, tenant_id=run.tenant_id, level="warning",
                             data={"storage_full": True, "resume_step": step, "retry_in_s": delay})
             s.commit()
@@ -73,8 +70,4 @@ def requeue_or_fail(run, exc: BaseException) -> str:
         return "lost"
     run.cleanup_checkpoints(remove_blobs=False)  # the next run downloads them from blobs
     log.warning("job %s: %s", run.job_id, msg)
-    try:
-        run.ctx.send(run.job_id, delay)
-    except Exception:  # the monitor re-sends a queued job nobody took
-        log.warning("could not enqueue job %s; the monitor retries later", run.job_id, exc_info=True)
     return REQUEUED

@@ -90,6 +90,22 @@ class Job(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
 
 
+class JobOutbox(Base):
+    """A queued job's message still owed to the broker, written in the transaction that queues
+    the job (app/jobs/outbox.py). The job row is the truth and the message only a hint: an entry
+    is sent when it is due and sent again while the job stays queued, and the claim deletes it."""
+
+    __tablename__ = "job_outbox"
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(String(64), index=True)
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+    # due for its next send at or after this (Unix seconds): when written, or a deferral's delay
+    # later; once sent, when it is re-sent if no worker claimed the job by then
+    not_before: Mapped[float] = mapped_column(Float, index=True)
+    sent_at: Mapped[float | None] = mapped_column(Float, nullable=True)  # last send; NULL: never sent
+    sends: Mapped[int] = mapped_column(Integer, default=0)  # sends since the entry was (re)written
+
+
 class JobEvent(Base):
     __tablename__ = "job_events"
     seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)  # cursor order
