@@ -174,4 +174,4 @@ def test_no_sampling_parameters_change_a_neighbour(base, alone, temperature, top
     mine, theirs = with_faulty_middle_row(base, faulty)
     assert theirs == alone
     if not isinstance(mine, GenerationFailedError):
-        assert len(mine) == 4 and all(0 <= t < base.model.config.vocab_size for t in mine)
+        assert 1 <= len(mine) <= 4 and all(0 <= t < base.model.config.vocab_size for t in mine)  # EOS may end it
