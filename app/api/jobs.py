@@ -233,9 +233,22 @@ def create_job(body: Annotated[JobCreate, Body()], request: Request, background:
 
 
 @router.get("", response_model=JobList, summary="List fine-tuning jobs, newest first")
-def list_jobs(tenant: TenantDep, session: SessionDep, after: After = None,
+def list_jobs(request: Request, tenant: TenantDep, session: SessionDep, after: After = None,
               limit: Limit = 20) -> dict:
-    return service.list_jobs(session, tenant.id, after, limit)
+    """`metadata[k]=v` filters as OpenAI's does (the official client sends a dict that way)."""
+    return service.list_jobs(session, tenant.id, after, limit, metadata_filter(request))
+
+
+def metadata_filter(request: Request) -> dict[str, str] | None:
+    """`metadata[k]=v` query parameters as `{k: v}`; None when there are none. A bare `metadata=`
+    names no key, so it is a 400 rather than a filter silently dropped."""
+    out: dict[str, str] = {}
+    for name, value in request.query_params.multi_items():
+        if name == "metadata":
+            raise APIError(400, "use metadata[key]=value to filter by metadata", param="metadata")
+        if name.startswith("metadata[") and name.endswith("]") and len(name) > len("metadata[]"):
+            out[name[len("metadata["):-1]] = value
+    return out or None
 
 
 @router.get("/{fine_tuning_job_id}", response_model=JobPublic, summary="Get a fine-tuning job")

@@ -240,9 +240,13 @@ def _cursor_row(session: Session, model, tenant_id: str, after: str, extra=()):
 
 def list_jobs(session: Session, tenant_id: str, after: str | None, limit: int,
               metadata: dict[str, str] | None = None) -> dict:
-    """Newest first, as OpenAI lists them; `after` is the last id of the previous page."""
+    """Newest first, as OpenAI lists them; `after` is the last id of the previous page; `metadata`
+    keeps the jobs whose metadata has every one of these key/value pairs."""
     check_limit(limit)
     q = select(Job).where(Job.tenant_id == tenant_id)
+    # in SQL, not after the page is cut: a filter applied to a fetched page would break `has_more`
+    for key, value in (metadata or {}).items():
+        q = q.where(Job.user_metadata[key].as_string() == value)
     if after:
         cur = _cursor_row(session, Job, tenant_id, after)
         q = q.where(or_(Job.created_at < cur.created_at, (Job.created_at == cur.created_at) & (Job.id < cur.id)))
