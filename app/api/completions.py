@@ -665,12 +665,15 @@ async def create_completion(body: CompletionCreate, request: Request, tenant: Te
     cid, created, model = _new_id("cmpl"), int(time.time()), body.model
     prompt_lens = [len(p) for p in prompts]
 
+    # the served base's fingerprint, on every chunk as on the whole answer (the spec's string)
+    fingerprint = resolved.served.fingerprint or None
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
         def chunk(index, text, finish, result):
             lp = _legacy_logprobs(result.logprobs) if (result is not None and body.logprobs is not None) else None
             out = {"id": cid, "object": "text_completion", "created": created, "model": model,
+                   "system_fingerprint": fingerprint,
                    "choices": [{"text": text, "index": index, "logprobs": lp, "finish_reason": finish}]}
             if include_usage:
                 out["usage"] = None
@@ -787,6 +790,7 @@ async def create_chat_completion(body: ChatCompletionCreate, request: Request, t
     requests = _gen_requests([ids], resolved, body, max_tokens, logprobs)
     handle = _submit(engine, request, tenant.id, requests, resolved.served.fingerprint, bool(body.stream))
     cid, created, model = _new_id("chatcmpl"), int(time.time()), body.model
+    fingerprint = resolved.served.fingerprint or None
 
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -794,13 +798,17 @@ async def create_chat_completion(body: ChatCompletionCreate, request: Request, t
 
         def chunk(index, text, finish, result):
             delta: dict[str, Any] = {}
-            if index not in started:
+            first = index not in started
+            if first:
                 started.add(index)
                 delta["role"] = "assistant"
-            if text or not finish:
+            # the first delta always has content ("" at worst), as OpenAI's does: the Python client's
+            # stream helper reads content=None from a stream that a stop string ends at once otherwise
+            if text or not finish or first:
                 delta["content"] = text
             lp = _chat_logprobs(result.logprobs, body.top_logprobs) if (result is not None and body.logprobs) else None
             out = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                   "system_fingerprint": fingerprint,
                    "choices": [{"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}]}
             if include_usage:
                 out["usage"] = None
@@ -819,7 +827,8 @@ async def create_chat_completion(body: ChatCompletionCreate, request: Request, t
                    logprobs=_chat_logprobs(r.logprobs, body.top_logprobs) if body.logprobs else None)
         for i, r in enumerate(results)
     ]
-    return ChatCompletion(id=cid, created=created, model=model, choices=choices, usage=_usage(results, [len(ids)], n))
+    return ChatCompletion(id=cid, created=created, model=model, choices=choices, usage=_usage(results, [len(ids)], n),
+                          system_fingerprint=fingerprint)
 
 
 @router.post("/v1/classify", response_model=Classification)

@@ -206,7 +206,9 @@ def list_files(
             q = q.where(or_(File.created_at > cur.created_at, and_(File.created_at == cur.created_at, File.id > cur.id)))
     q = q.order_by(File.created_at.desc(), File.id.desc()) if desc else q.order_by(File.created_at, File.id)
     rows = session.scalars(q.limit(limit + 1)).all()
-    return FileList(data=[file_object(f) for f in rows[:limit]], has_more=len(rows) > limit)
+    shown = rows[:limit]
+    return FileList(data=[file_object(f) for f in shown], has_more=len(rows) > limit,
+                    first_id=shown[0].id if shown else None, last_id=shown[-1].id if shown else None)
 
 
 @router.get("/{file_id}", response_model=FileObject)

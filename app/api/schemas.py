@@ -139,6 +139,9 @@ class FileList(BaseModel):
     object: Literal["list"] = "list"
     data: list[FileObject]
     has_more: bool = False
+    # required by OpenAI's ListFilesResponse; null only on an empty page
+    first_id: str | None = None
+    last_id: str | None = None
 
 
 class FileDeleted(BaseModel):

@@ -54,3 +54,39 @@ def test_jobs_list_metadata_filter_official_client(svc):
     assert [j.id for j in page.data] == [a.id] and page.has_more is False
     r = t.client.get("/v1/fine_tuning/jobs", params={"metadata": "team"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "metadata"
+
+
+def test_files_list_first_and_last_id(svc):
+    t = svc.make_tenant()
+    ids = [upload(t.client, rows(2)) for _ in range(2)]
+    page = t.client.get("/v1/files").json()
+    assert page["first_id"] == page["data"][0]["id"] and page["last_id"] == page["data"][-1]["id"]
+    assert {page["first_id"], page["last_id"]} == set(ids)
+
+
+def test_system_fingerprint_on_chat_and_stream_chunks(svc):
+    t = svc.make_tenant()
+    client = svc.openai(t.key)
+    fp = client.completions.create(model=BASE, prompt="hello", max_tokens=2, temperature=0).system_fingerprint
+    assert fp
+    msgs = [{"role": "user", "content": "hello"}]
+    assert client.chat.completions.create(model=BASE, messages=msgs, max_tokens=2).system_fingerprint == fp
+    chunks = list(client.chat.completions.create(model=BASE, messages=msgs, max_tokens=3, stream=True))
+    assert chunks and all(c.system_fingerprint == fp for c in chunks)
+    chunks = list(client.completions.create(model=BASE, prompt="hello", max_tokens=3, stream=True))
+    assert chunks and all(c.system_fingerprint == fp for c in chunks)
+
+
+def test_chat_stream_stopped_at_once_has_empty_content(svc):
+    """A stop string that ends the stream at once: the first chunk still carries role and
+    content "" as OpenAI's does, so the client's stream helper returns content "" (not None)."""
+    t = svc.make_tenant()
+    client = svc.openai(t.key)
+    msgs = [{"role": "user", "content": "hello"}]
+    first = client.chat.completions.create(model=BASE, messages=msgs, max_tokens=1, temperature=0).choices[0]
+    stop = first.message.content
+    assert stop
+    with client.chat.completions.stream(model=BASE, messages=msgs, max_tokens=4, temperature=0,
+                                        stop=[stop]) as stream:
+        final = stream.get_final_completion()
+    assert final.choices[0].message.content == ""
