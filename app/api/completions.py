@@ -9,8 +9,8 @@ ids; required) / `messages`, `max_tokens` (chat: also `max_completion_tokens`), 
 uses seed + i, so choices differ but are reproducible), `stream` with
 `stream_options.include_usage`, `logprobs` (completions: an int 0..5, the legacy
 `{tokens, token_logprobs, top_logprobs, text_offset}` object; chat: `logprobs` + `top_logprobs`).
-With `stream`, logprobs arrive in each choice's last chunk. `echo` (completions, n = 1, not with
-`stream`) puts the prompt before the completion, and with `logprobs` covers the prompt's tokens
+With `stream`, each chunk carries the logprobs of the tokens whose text it carries (`_stream`).
+`echo` (completions, n = 1, not with `stream`) puts the prompt before the completion, and with `logprobs` covers the prompt's tokens
 first (the first one's logprob and top_logprobs are null), then the generated ones; `max_tokens: 0`
 returns the prompt alone, as lm-evaluation-harness's `local-completions` needs for loglikelihoods.
 
@@ -562,19 +562,34 @@ def _sse(obj: dict) -> str:
 
 
 async def _stream(request: Request, handle, make_chunk, usage_chunk, include_usage: bool,
-                  prompt_lens: list[int]) -> AsyncIterator[str]:
-    """SSE: one chunk per text delta, each choice's last chunk with its finish_reason, then the
-    usage chunk (with stream_options.include_usage) and `data: [DONE]`."""
+                  prompt_lens: list[int], start_chunk=None) -> AsyncIterator[str]:
+    """SSE: `start_chunk(index)` first for each choice when given (chat's role chunk), one chunk per
+    text delta, each choice's last chunk with its finish_reason, then the usage chunk (with
+    stream_options.include_usage) and `data: [DONE]`.
+
+    `make_chunk(index, text, finish, logprobs)` gets the TokenLogprobs of the tokens whose text it
+    carries, as OpenAI sends them with each piece of text: a token whose text is held back (part of
+    a multi-byte character, or of a possible stop string) goes with the chunk that releases it
+    (the engine says which, `app.ml.generate._Row.advance`), and tokens whose text is never sent
+    (EOS, a stop string's own) with the choice's last chunk. The chunks' logprobs together are the
+    non-streamed answer's. None when the request asked for none."""
     results: dict[int, Any] = {}
+    pending: dict[int, list] = {}  # per choice: TokenLogprobs not sent yet
+    started: set[int] = set()
     try:
         async for event in handle.events():
             kind, index = event[0], event[1]
+            if start_chunk is not None and kind != "error" and index not in started:
+                started.add(index)
+                yield _sse(start_chunk(index))
             if kind == "token":
+                if len(event) > 4 and event[4]:  # the logprobs released with this text (DecodeBatch.step)
+                    pending.setdefault(index, []).extend(event[4])
                 if event[3]:
-                    yield _sse(make_chunk(index, event[3], None, None))
+                    yield _sse(make_chunk(index, event[3], None, pending.pop(index, None)))
             elif kind == "done":
                 results[index] = event[2]
-                yield _sse(make_chunk(index, "", _finish(event[2].finish_reason) or "stop", event[2]))
+                yield _sse(make_chunk(index, "", _finish(event[2].finish_reason) or "stop", pending.pop(index, None)))
             elif kind == "error":
                 handle.cancel()
                 err = _engine_error(event[2])
@@ -670,8 +685,13 @@ async def create_completion(body: CompletionCreate, request: Request, tenant: Te
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
-        def chunk(index, text, finish, result):
-            lp = _legacy_logprobs(result.logprobs) if (result is not None and body.logprobs is not None) else None
+        offsets: dict[int, int] = {}  # per choice: text_offset of its next token, as in the whole answer
+
+        def chunk(index, text, finish, lps):
+            lp = None
+            if body.logprobs is not None and lps:
+                lp = _legacy_logprobs(lps, offsets.get(index, 0))
+                offsets[index] = offsets.get(index, 0) + sum(len(t.token) for t in lps)
             out = {"id": cid, "object": "text_completion", "created": created, "model": model,
                    "system_fingerprint": fingerprint,
                    "choices": [{"text": text, "index": index, "logprobs": lp, "finish_reason": finish}]}
@@ -794,19 +814,10 @@ async def create_chat_completion(body: ChatCompletionCreate, request: Request, t
 
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        started: set[int] = set()
 
-        def chunk(index, text, finish, result):
-            delta: dict[str, Any] = {}
-            first = index not in started
-            if first:
-                started.add(index)
-                delta["role"] = "assistant"
-            # the first delta always has content ("" at worst), as OpenAI's does: the Python client's
-            # stream helper reads content=None from a stream that a stop string ends at once otherwise
-            if text or not finish or first:
-                delta["content"] = text
-            lp = _chat_logprobs(result.logprobs, body.top_logprobs) if (result is not None and body.logprobs) else None
+        def chunk(index, text, finish, lps, delta=None):
+            delta = {"content": text} if delta is None and (text or not finish) else delta or {}
+            lp = _chat_logprobs(lps, body.top_logprobs) if body.logprobs and lps else None
             out = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
                    "system_fingerprint": fingerprint,
                    "choices": [{"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}]}
@@ -814,11 +825,16 @@ async def create_chat_completion(body: ChatCompletionCreate, request: Request, t
                 out["usage"] = None
             return out
 
+        def role_chunk(index):
+            # first for each choice, as OpenAI's: content "" even when a stop string ends the choice
+            # at once, so the Python client's stream helper gives content "" rather than None
+            return chunk(index, "", None, None, {"role": "assistant", "content": "", "refusal": None})
+
         def usage_chunk(usage):
             return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
                     "choices": [], "usage": usage}
 
-        return StreamingResponse(_stream(request, handle, chunk, usage_chunk, include_usage, [len(ids)]),
+        return StreamingResponse(_stream(request, handle, chunk, usage_chunk, include_usage, [len(ids)], role_chunk),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     results = await _await_results(request, handle)

@@ -93,7 +93,9 @@ MIN_TEMPERATURE = 1e-5
 MIN_TOP_P = 1e-8
 
 
-OnToken = Callable[[int, int, str], None]  # (row, token_id, text_delta)
+# (row, token_id, text_delta, logprobs): `logprobs` lists the TokenLogprobs of the tokens whose text
+# `text_delta` releases (see `_Row.advance`), or None when the row asked for no logprobs
+OnToken = Callable[[int, int, str, "list[TokenLogprob] | None"], None]
 ShouldAbort = Callable[[int], bool]  # (row) -> abort?
 
 
@@ -412,6 +414,10 @@ class _Row:
         self.finish: str | None = None
         self.logprobs: list[TokenLogprob] | None = [] if req.logprobs is not None else None
         self.detok = IncrementalDetokenizer(tokenizer, req.prompt_ids)
+        # logprobs of tokens whose text is not streamed yet, each with the offset in `text` where
+        # its text starts; `released` holds those the last `advance` let go
+        self._unreleased: list[tuple[int, TokenLogprob]] = []
+        self.released: list[TokenLogprob] | None = [] if req.logprobs is not None else None
         self.stops = [s for s in req.stop if s]
         self.max_stop = max((len(s) for s in self.stops), default=0)
         self.generator = None
@@ -442,7 +448,23 @@ class _Row:
         visible = len(self.text) if self.finish else len(self.text) - partial_stop_len(self.text, self.stops)
         delta = self.text[self.sent : visible] if visible > self.sent else ""
         self.sent = max(self.sent, visible)
+        if self.released is not None:
+            self._release(before)
         return delta
+
+    def _release(self, start: int) -> None:
+        """The logprobs that go with this token's delta: a token's goes out with the first text of
+        its own that is streamed, so one held back (part of a multi-byte character, of a possible
+        stop string) goes with the delta that releases it; the last delta takes all that are left
+        (EOS, a stop string's own tokens)."""
+        if len(self.logprobs) == len(self.token_ids):  # this token was scored (DecodeBatch.step)
+            self._unreleased.append((start, self.logprobs[-1]))
+        if self.finish:
+            go = len(self._unreleased)
+        else:
+            go = next((i for i, (at, _) in enumerate(self._unreleased) if at >= self.sent), len(self._unreleased))
+        self.released = [lp for _, lp in self._unreleased[:go]]
+        del self._unreleased[:go]
 
     def result(self) -> GenerationResult:
         return GenerationResult(
@@ -645,7 +667,9 @@ class DecodeBatch:
     def step(self, on_token: OnToken | None = None, should_abort: ShouldAbort | None = None) -> list[tuple[object, object]]:
         """One token for every live row, then one decode forward for the rows that go on.
 
-        `on_token(key, token_id, text_delta)` is called for each token; `should_abort(key)` right
+        `on_token(key, token_id, text_delta, logprobs)` is called for each token (`logprobs`: the
+        TokenLogprobs that go with `text_delta`, see `_Row.advance`; None when the row asked for
+        none); `should_abort(key)` right
         after it, so an aborted row costs no more compute. Returns (key, result) of the rows
         that finished in this step; a row whose decoding went bad finishes with a
         GenerationFailedError as its result, and the others go on exactly as without it."""
@@ -667,7 +691,7 @@ class DecodeBatch:
             tok = tokens[j]
             delta = row.advance(tok, tok in self.eos and not row.req.ignore_eos)
             if on_token is not None:
-                on_token(row.key, tok, delta)
+                on_token(row.key, tok, delta, row.released)
             if row.finish is None and should_abort is not None and should_abort(row.key):
                 row.finish = "abort"
             if row.finish is None:
@@ -767,8 +791,8 @@ def generate(
 ) -> list[GenerationResult]:
     """Run all requests in shared forward passes; results in request order.
 
-    `on_token(row, token_id, text_delta)` is called for every generated token; `text_delta` may
-    be "" while text is held back (an incomplete character, or a possible start of a stop string).
+    `on_token(row, token_id, text_delta, logprobs)` is called for every generated token (`logprobs`:
+    see `DecodeBatch.step`); `text_delta` may be "" while text is held back (an incomplete character, or a possible start of a stop string).
     `should_abort(row)` is checked before the prefill and after each of the row's tokens; an aborted
     row ends with finish_reason "abort" and leaves the batch.
     """

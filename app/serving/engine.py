@@ -120,7 +120,7 @@ class RequestHandle:
         return await asyncio.wait_for(self._queue.get(), timeout)
 
     async def events(self):
-        """Yield ("token", index, token_id, text), ("done", index, result), ("error", index, exc)
+        """Yield ("token", index, token_id, text, logprobs), ("done", index, result), ("error", index, exc)
         until every row has finished."""
         remaining = self.n
         while remaining:
@@ -539,10 +539,10 @@ class ServingEngine:
         rows = len(running)
         metrics.batch(rows, len({id(getattr(item.payload.request, "prefix", None)) for item in running.values()}))
 
-        def on_token(key: int, token_id: int, text: str) -> None:
+        def on_token(key: int, token_id: int, text: str, logprobs=None) -> None:
             item = running[key]
             if item.handle.stream and not item.cancelled:
-                item.handle.emit(("token", item.index, token_id, text))
+                item.handle.emit(("token", item.index, token_id, text, logprobs))
 
         def should_abort(key: int) -> bool:
             return stop.is_set() or running[key].cancelled

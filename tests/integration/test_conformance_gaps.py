@@ -90,3 +90,55 @@ def test_chat_stream_stopped_at_once_has_empty_content(svc):
                                         stop=[stop]) as stream:
         final = stream.get_final_completion()
     assert final.choices[0].message.content == ""
+
+
+def _released_before(chunks_text: list[str], chunks_lps: list[list[str]]) -> None:
+    """Each chunk's logprobs are tokens whose text has begun to be sent by the end of that chunk:
+    none arrives before its text (and with the joined logprobs equal to the whole answer's, none
+    after the chunk that releases it)."""
+    sent_text, sent_tokens = "", ""
+    for text, tokens in zip(chunks_text, chunks_lps):
+        if tokens:
+            start_of_last = len(sent_tokens) + len("".join(tokens[:-1]))
+            sent_tokens += "".join(tokens)
+            sent_text += text
+            assert text and len(sent_text) > start_of_last, (sent_text, tokens)
+        else:
+            sent_text += text
+
+
+def test_stream_logprobs_arrive_with_their_text_official_client(svc):
+    """Completions and chat: each streamed chunk carries the logprobs of the tokens whose text it
+    carries, so the chunks' logprobs joined are the non-streamed answer's; a token held back for a
+    possible stop string goes with the chunk that releases it."""
+    t = svc.make_tenant()
+    client = svc.openai(t.key)
+    prompt, kw = "name: Aromi | food:", {"max_tokens": 10, "temperature": 0}
+    full = client.completions.create(model=BASE, prompt=prompt, logprobs=2, **kw).choices[0].logprobs
+    assert len(full.tokens) >= 4
+    # hold back a token: a stop string that starts with its text and never completes
+    held = next(i for i in range(1, len(full.tokens) - 1) if full.tokens[i].strip() and full.tokens[i + 1])
+    for stop in (None, [full.tokens[held] + "\x00"]):
+        chunks = [c.choices[0] for c in client.completions.create(model=BASE, prompt=prompt, logprobs=2, stream=True,
+                                                                  stop=stop, **kw)]
+        lps = [c.logprobs for c in chunks]
+        assert sum(1 for lp in lps if lp and lp.tokens) >= 3  # not all in the last chunk
+        joined = {k: [x for lp in lps if lp for x in getattr(lp, k)] for k in
+                  ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
+        assert joined == {k: getattr(full, k) for k in joined}
+        _released_before([c.text for c in chunks], [lp.tokens if lp else [] for lp in lps])
+        if all(tok.isascii() for tok in full.tokens):
+            # each chunk's logprobs are exactly the tokens of its text: with the stop string, a held
+            # token goes with the later chunk that releases its text, not with the chunk of its step
+            assert all("".join(lp.tokens) == c.text for c, lp in zip(chunks, lps) if lp and c.text)
+
+    msgs = [{"role": "user", "content": "hello"}]
+    whole = client.chat.completions.create(model=BASE, messages=msgs, logprobs=True, top_logprobs=2, **kw)
+    chunks = [c.choices[0] for c in client.chat.completions.create(model=BASE, messages=msgs, logprobs=True,
+                                                                   top_logprobs=2, stream=True, **kw)]
+    assert chunks[0].delta.role == "assistant" and chunks[0].delta.content == "" and chunks[0].logprobs is None
+    got = [x.model_dump() for c in chunks if c.logprobs for x in c.logprobs.content]
+    assert got == [x.model_dump() for x in whole.choices[0].logprobs.content]
+    assert sum(1 for c in chunks if c.logprobs and c.logprobs.content) >= 3
+    _released_before([c.delta.content or "" for c in chunks],
+                     [[x.token for x in c.logprobs.content] if c.logprobs else [] for c in chunks])

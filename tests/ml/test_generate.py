@@ -201,7 +201,7 @@ def test_stop_string_cuts_text_and_stream_matches(bases):
     cut = text.find(stop)
     reqs[row].stop = [stop, "\x00never"]
     streamed: dict[int, list[str]] = {}
-    res = generate(base, reqs, on_token=lambda r, t, d: streamed.setdefault(r, []).append(d))
+    res = generate(base, reqs, on_token=lambda r, t, d, lp: streamed.setdefault(r, []).append(d))
     assert res[row].text == text[:cut] and res[row].finish_reason == "stop"
     assert stop not in res[row].text
     for i, r in enumerate(res):
@@ -225,6 +225,29 @@ def test_incremental_detokenizer_multibyte(bases):
     deltas = [detok.step(i) for i in ids] + [detok.flush()]
     assert not any("\ufffd" in d for d in deltas)
     assert "".join(deltas) == "héllo 世界 🙂 ok"  # and no special-token text
+
+
+def test_streamed_logprobs_go_with_the_text_that_releases_them(bases):
+    """A token's logprob goes out with the first delta that carries its text: bytes of a split
+    character wait for the token that completes it, tokens of a possible stop string for the
+    token that rules it out, and the last delta takes whatever is left."""
+    from app.ml.generate import TokenLogprob, _Row
+
+    tok = bases["gpt2"].tokenizer
+    ids = tok.encode("a b 世界 ok")
+    req = GenerationRequest([5, 6], max_tokens=len(ids), stop=[" b!"], logprobs=0)
+    row = _Row(0, req, tok, "cpu")
+    steps = []
+    for i in ids:
+        row.logprobs.append(TokenLogprob(i, tok.decode([i]), -1.0, []))  # as DecodeBatch.step scores it
+        steps.append((row.advance(i, False), [lp.token_id for lp in row.released]))
+    assert "".join(d for d, _ in steps) == "a b 世界 ok" and row.finish == "length"
+    assert [t for _, ts in steps for t in ts] == ids  # each exactly once, in order
+    assert all(d for d, ts in steps if ts)  # never without text of theirs
+    held = [k for k, (d, _) in enumerate(steps) if d == " b"]  # " b" waited for the next " "
+    assert held and steps[held[0]][1] == ids[1:3]
+    cjk = next(d for d, _ in steps if "世" in d)
+    assert [tok.decode([t]) for t in dict(steps)[cjk]][1:] == [tok.decode([i]) for i in ids[4:7]]
 
 
 def test_detokenizer_uses_the_rust_decode_only_where_it_is_the_same(bases):
@@ -286,7 +309,7 @@ def test_finished_and_aborted_rows_leave_the_batch(bases):
     wrapped = SimpleNamespace(**{**vars(base), "model": _ForceEos(base.model, eos, after=10**6)})
     seen = {1: 0}
 
-    def on_token(row, tok, delta):
+    def on_token(row, tok, delta, logprob):
         seen[row] = seen.get(row, 0) + 1
 
     res = generate(wrapped, reqs, on_token=on_token, should_abort=lambda row: row == 1 and seen[1] >= 3)
@@ -390,7 +413,7 @@ def test_rows_joining_a_running_batch_equal_rows_alone(bases, arch):
             assert batch.add([reqs[k] for k in joins[step]], joins[step]) == []
         if not len(batch) and step > max(joins):
             break
-        got.update(batch.step(on_token=lambda k, t, d: streamed.setdefault(k, []).append(t)))
+        got.update(batch.step(on_token=lambda k, t, d, lp: streamed.setdefault(k, []).append(t)))
     assert set(got) == set(reqs)
     for k, req in reqs.items():
         alone = generate(base, [req])[0]
