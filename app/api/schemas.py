@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
 from pydantic_core import PydanticCustomError
 
 from app.api.errors import ErrorDetail, ErrorResponse  # noqa: F401  (re-exported)
@@ -129,10 +129,19 @@ class FileObject(BaseModel):
     filename: str
     purpose: str
     status: Literal["uploaded", "processed", "error"]
+    # why validation failed; OpenAI's spec has it an optional string (deprecated), never null, so
+    # a file without details (uploaded, processed) leaves the key out
     status_details: str | None = None
     # extensions: filled in when validation finishes
     row_count: int | None = None
     token_count: int | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_null_details(self, handler):
+        out = handler(self)
+        if out.get("status_details") is None:
+            out.pop("status_details", None)
+        return out
 
 
 class FileList(BaseModel):

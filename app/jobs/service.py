@@ -62,7 +62,10 @@ def event_public(ev: JobEvent) -> dict:
 def checkpoint_public(ck: JobCheckpoint) -> dict:
     return {"id": ck.id, "object": "fine_tuning.job.checkpoint", "created_at": ck.created_at,
             "fine_tuned_model_checkpoint": ck.fine_tuned_model_checkpoint, "fine_tuning_job_id": ck.job_id,
-            "step_number": ck.step_number, "metrics": ck.metrics or {}}
+            "step_number": ck.step_number,
+            # OpenAI's metrics are numbers, none required: a value not measured yet (valid_loss
+            # before the first evaluation) leaves its key out rather than being null
+            "metrics": {k: v for k, v in (ck.metrics or {}).items() if v is not None}}
 
 
 def page(rows: list, limit: int, view) -> dict:

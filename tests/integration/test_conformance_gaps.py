@@ -142,3 +142,44 @@ def test_stream_logprobs_arrive_with_their_text_official_client(svc):
     assert sum(1 for c in chunks if c.logprobs and c.logprobs.content) >= 3
     _released_before([c.delta.content or "" for c in chunks],
                      [[x.token for x in c.logprobs.content] if c.logprobs else [] for c in chunks])
+
+
+def test_processed_file_has_no_null_status_details(svc):
+    """OpenAI's spec has status_details an optional string: a file without details leaves it out
+    (the official client reads None), an invalid file has its reasons there."""
+    t = svc.make_tenant()
+    ok = t.client.get(f"/v1/files/{upload(t.client, rows(2))}").json()
+    assert ok["status"] == "processed" and "status_details" not in ok
+    listed = t.client.get("/v1/files").json()["data"]
+    assert listed and all("status_details" not in f for f in listed)
+    bad_id = upload(t.client, "not json\n")
+    bad = t.client.get(f"/v1/files/{bad_id}").json()
+    assert bad["status"] == "error" and isinstance(bad["status_details"], str)
+    assert svc.openai(t.key).files.retrieve(ok["id"]).status_details is None
+
+
+def test_checkpoint_before_first_evaluation_omits_valid_loss(svc):
+    """A checkpoint taken before the first evaluation has no valid_loss: the key is left out
+    (OpenAI's metrics are numbers), not null. The checkpoint row is written into the service's
+    database as the runner records one (app.jobs.state.record_checkpoint)."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.orm import Session
+
+    from app.jobs import state
+    from app.store.models import Job
+
+    t = svc.make_tenant()
+    client = svc.openai(t.key)
+    job = client.fine_tuning.jobs.create(model=BASE, training_file=upload(t.client, rows(8)))
+    engine = create_engine(f"sqlite:///{svc.data_dir / 'prefixd.db'}")
+    try:
+        with Session(engine) as s:
+            state.record_checkpoint(s, s.get(Job, job.id), 3, {"train_loss": 2.5, "valid_loss": None},
+                                    None, f"ft:{BASE}:{t.id}::{job.id}")
+            s.commit()
+    finally:
+        engine.dispose()
+    (ck,) = client.fine_tuning.jobs.checkpoints.list(job.id).data
+    assert ck.metrics.train_loss == 2.5 and ck.metrics.step == 3
+    raw = t.client.get(f"/v1/fine_tuning/jobs/{job.id}/checkpoints").json()["data"][0]["metrics"]
+    assert raw == {"step": 3, "train_loss": 2.5}
