@@ -1,5 +1,5 @@
-"""Base models as service resources: register a local HF directory, fetch it back, and make sure
-the service has a base to serve on first start.
+"""Base models as service resources: register a local HF directory or GGUF file, fetch it back,
+and make sure the service has a base to serve on first start.
 
 - A base id is a slug, `[a-z0-9-]` (`slugify` turns a directory name into one).
 - `register_base` uploads every file of the directory to blobs under `bases/{slug}/`, then writes
@@ -11,8 +11,17 @@ the service has a base to serve on first start.
 - `materialize_base` returns a local directory for a record: the directory it was registered from
   when it still exists on this machine (`details.local_path`), else `DATA_DIR/models/{slug}`,
   downloaded once into a temp dir and renamed into place (atomic: a crash leaves no half base).
+- A GGUF file is never served as such: `app.ml.gguf` converts it once into a float HF directory,
+  `DATA_DIR/models/{slug}`, which is then registered like any other base (its record's details
+  keep the GGUF's path and sha256). Workers and other replicas download that directory from blobs
+  and never convert; a replica started with the same GGUF as BASE_MODEL downloads it too.
+- `register_source` is the admin route's (`POST /v1/admin/bases`): a server-side directory or
+  GGUF checked, converted if need be, loaded once (its fingerprint) and registered; bad input is a
+  `BaseSourceError` naming the path and why, an id already registered with other weights a
+  `BaseIdTaken`. Registering never changes the served base.
 - `ensure_default_base` is what the API runs at startup (in a background thread):
-  `BASE_MODEL=/path` serves that directory, registered under `slugify(dir name)`; without it the
+  `BASE_MODEL=/path` serves that directory or GGUF file, registered under `BASE_MODEL_ID`, else
+  `slugify` of the directory's name or the file's stem; without it the
   service serves `DATA_DIR/models/default`, which it materialises from blobs if another replica
   already built it, and otherwise builds offline with `app.ml.pretrain.build_default_base`
   (`DEFAULT_BASE_BUILD_STEPS` shortens that build, e.g. for tests), checkpointing under
@@ -72,6 +81,21 @@ def _dir_files(local_dir: Path) -> list[str]:
             raise ValueError(f"base file name not storable: {rel!r}")
         out.append(rel)
     return out
+
+
+class BaseSourceError(ValueError):
+    """A path that cannot become a base; the message names it and says why."""
+
+    def __init__(self, message: str, param: str = "path"):
+        super().__init__(message)
+        self.param = param
+
+
+class BaseIdTaken(ValueError):
+    """A base id already registered with other weights (or taken by an adapter)."""
+
+
+_WEIGHT_GLOBS = ("*.safetensors", "*.bin", "*.safetensors.index.json")
 
 
 def _fingerprint_of(local_dir: Path) -> str:
@@ -248,12 +272,56 @@ def _build_default(target: Path, steps: int | None = None, device: str = "auto")
         shutil.rmtree(ckpt, ignore_errors=True)
 
 
+def _gguf_source(settings) -> Path | None:
+    from app.ml.gguf import is_gguf_path
+
+    if settings.base_model and is_gguf_path(settings.base_model):
+        return Path(settings.base_model).resolve()
+    return None
+
+
+def converted_dir(settings, slug: str) -> Path:
+    """Where the float HF conversion of a GGUF registered as `slug` lives on this machine."""
+    return Path(settings.data_dir).resolve() / "models" / slug
+
+
 def served_base_dir(settings) -> tuple[str, Path]:
-    """(base id, local dir) of the base this process serves at startup (may not exist yet)."""
+    """(base id, local dir) of the base this process serves at startup (may not exist yet); for a
+    GGUF BASE_MODEL, the directory it is converted into."""
     if settings.base_model:
         path = Path(settings.base_model).resolve()
-        return slugify(path.name), path
+        gguf = _gguf_source(settings)
+        slug = getattr(settings, "base_model_id", None) or slugify(path.stem if gguf else path.name)
+        if not is_slug(slug):
+            raise ValueError(f"BASE_MODEL_ID must be a slug of [a-z0-9-], got {slug!r}")
+        return slug, (converted_dir(settings, slug) if gguf else path)
     return DEFAULT_BASE_ID, Path(settings.resolved_base_model).resolve()
+
+
+def _ensure_converted(settings, blobs, src: Path, path: Path, record: ModelRecord | None) -> tuple[str, bool]:
+    """Make `path` the float conversion of the GGUF `src`; returns the GGUF's sha256 and whether
+    it converted now (the weights may then differ from the record's).
+
+    Converted once: kept while it matches the file, downloaded from blobs when another replica
+    already registered this very GGUF under this id, else converted here."""
+    from app.ml.gguf import check_gguf, convert_gguf, converted_from, gguf_sha256, mark_converted
+
+    check_gguf(src)
+    sha = gguf_sha256(src)
+    if _complete_local(path) and converted_from(path) == sha:
+        return sha, False
+    if (not _complete_local(path) and record is not None and record.kind == "base"
+            and (record.details or {}).get("gguf_sha256") == sha):
+        try:
+            materialize_base(settings, blobs, record)
+        except FileNotFoundError:
+            pass  # the upload is gone: convert again
+        if _complete_local(path):
+            mark_converted(path, src, sha)
+            return sha, False
+    log.info("converting GGUF %s into %s (once)", src, path)
+    convert_gguf(src, path, sha)
+    return sha, True
 
 
 def ensure_default_base(settings, session, blobs, *, fingerprint: str | None = None) -> ModelRecord:
@@ -262,9 +330,16 @@ def ensure_default_base(settings, session, blobs, *, fingerprint: str | None = N
     `fingerprint` (of the loaded base) saves loading the model once more to compute it."""
     slug, path = served_base_dir(settings)
     record = session.get(ModelRecord, slug)
-    if not _complete_local(path):
+    gguf = _gguf_source(settings)
+    details = {"source": "BASE_MODEL" if settings.base_model else "built-in"}
+    converted = False
+    if gguf is not None:
+        sha, converted = _ensure_converted(settings, blobs, gguf, path, record)
+        details.update(gguf=str(gguf), gguf_sha256=sha)
+    elif not _complete_local(path):
         if settings.base_model:
-            raise FileNotFoundError(f"BASE_MODEL={settings.base_model} is not a Hugging Face model directory")
+            raise FileNotFoundError(f"BASE_MODEL={settings.base_model} is not a Hugging Face model directory "
+                                    "nor a .gguf file")
         if record is not None and record.kind == "base":
             try:
                 materialize_base(settings, blobs, record)
@@ -272,21 +347,99 @@ def ensure_default_base(settings, session, blobs, *, fingerprint: str | None = N
                 _build_default(path, settings.default_base_build_steps, settings.device)
         else:
             _build_default(path, settings.default_base_build_steps, settings.device)
-    if fingerprint is None and (record is None or record.details.get("local_path") != str(path)):
+    if fingerprint is None and (converted or record is None or record.details.get("local_path") != str(path)):
         fingerprint = _fingerprint_of(path)
     if record is not None and record.kind == "base" and (fingerprint is None or record.fingerprint == fingerprint):
-        if (record.details or {}).get("local_path") != str(path):
-            record.details = {**(record.details or {}), "local_path": str(path)}
+        if gguf is not None:
+            details["local_path"] = str(path)
+        else:
+            details = {"local_path": str(path)}
+        if any((record.details or {}).get(k) != v for k, v in details.items()):
+            record.details = {**(record.details or {}), **details}
             session.commit()
         return record
     if record is not None and record.fingerprint != fingerprint:
         log.warning("base %s changed on disk (fingerprint %s -> %s); re-registering",
                     slug, record.fingerprint[:12], (fingerprint or "")[:12])
     try:
-        record = register_base(session, blobs, path, slug, None, fingerprint=fingerprint,
-                               details={"source": "BASE_MODEL" if settings.base_model else "built-in"})
+        record = register_base(session, blobs, path, slug, None, fingerprint=fingerprint, details=details)
         session.commit()
     except IntegrityError:  # another replica registered it at the same moment
         session.rollback()
         record = session.get(ModelRecord, slug)
     return record
+
+
+def _check_hf_dir(path: Path) -> None:
+    if not (path / "config.json").is_file():
+        raise BaseSourceError(f"{path}: not a Hugging Face model directory (no config.json)")
+    if not any(next(path.glob(g), None) for g in _WEIGHT_GLOBS):
+        raise BaseSourceError(f"{path}: the directory has no weights (*.safetensors or *.bin)")
+
+
+def register_source(settings, session, blobs, source: str, slug: str | None = None) -> tuple[ModelRecord, bool]:
+    """Register the server-side HF directory or GGUF file `source` as service base `slug`
+    (default: slug of the directory's name or the file's stem); commits.
+
+    Returns (record, created). Registering the same weights under the same id again is a no-op
+    (created False). Raises BaseSourceError for bad input, before anything is registered, and
+    BaseIdTaken for an id already holding other weights: a registered base is never overwritten,
+    since adapters and served replicas rely on its fingerprint."""
+    from app.ml.gguf import GGUFError, check_gguf, convert_gguf, gguf_sha256, is_gguf_path
+
+    raw = Path(str(source)).expanduser()
+    if not raw.is_absolute():
+        raise BaseSourceError(f"{source}: the path must be absolute (a path on the server)")
+    src = raw.resolve()
+    if not src.exists():
+        raise BaseSourceError(f"{src}: no such file or directory")
+    is_file = src.is_file()
+    if is_file and not is_gguf_path(src):
+        raise BaseSourceError(f"{src}: neither a .gguf file nor a Hugging Face model directory")
+    if slug is None:
+        slug = slugify(src.stem if is_file else src.name)
+    elif not is_slug(slug):
+        raise BaseSourceError(f"base id must be a slug of [a-z0-9-], got {slug!r}", param="id")
+    if slug == DEFAULT_BASE_ID:  # the built-in base: BASE_MODEL-less replicas build and serve it
+        raise BaseIdTaken(f"the base id {slug!r} is reserved for the built-in base")
+    record = session.get(ModelRecord, slug)
+    if record is not None and (record.kind != "base" or record.tenant_id is not None):
+        raise BaseIdTaken(f"the model id {slug!r} is already taken")
+
+    if is_file:
+        try:
+            check_gguf(src)
+        except GGUFError as e:
+            raise BaseSourceError(str(e)) from None
+        sha = gguf_sha256(src)
+        if record is not None:
+            if (record.details or {}).get("gguf_sha256") == sha:
+                return record, False
+            raise BaseIdTaken(f"the base id {slug!r} is already registered with other weights")
+        try:
+            local = convert_gguf(src, converted_dir(settings, slug), sha)
+        except GGUFError as e:
+            raise BaseSourceError(str(e)) from None
+        details = {"source": "admin", "gguf": str(src), "gguf_sha256": sha}
+    else:
+        _check_hf_dir(src)
+        local, details = src, {"source": "admin"}
+    try:
+        fingerprint = _fingerprint_of(local)
+    except Exception as e:  # transformers raises OSError/ValueError/KeyError for broken checkpoints
+        raise BaseSourceError(f"{src}: cannot be loaded as a causal LM ({type(e).__name__}: {e})") from None
+    if record is not None:
+        if record.fingerprint == fingerprint:
+            return record, False
+        raise BaseIdTaken(f"the base id {slug!r} is already registered with other weights")
+    try:
+        record = register_base(session, blobs, local, slug, None, fingerprint=fingerprint, details=details)
+        session.commit()
+    except IntegrityError:  # registered by another request at the same moment
+        session.rollback()
+        record = session.get(ModelRecord, slug)
+        if record is None or record.fingerprint != fingerprint:
+            raise BaseIdTaken(f"the base id {slug!r} is already registered with other weights") from None
+        return record, False
+    log.info("registered base %s from %s (%s)", slug, src, fingerprint)
+    return record, True

@@ -30,7 +30,10 @@ class Settings(BaseSettings):
     aws_access_key_id: str | None = None
     aws_secret_access_key: str | None = None
 
-    base_model: Path | None = None  # a local HF causal-LM dir; default: data_dir/models/default
+    # a local HF causal-LM dir or a .gguf file (converted once into data_dir/models/<id>);
+    # default: data_dir/models/default
+    base_model: Path | None = None
+    base_model_id: str | None = None  # the id BASE_MODEL is served under; default: slug of its name
     # optimizer steps of the first-start build of the default base; None: the preset's (400).
     # Tests and quick trials use a handful, which builds in seconds (corpus + BPE cost the rest).
     default_base_build_steps: int | None = Field(default=None, ge=0)

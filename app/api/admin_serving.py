@@ -1,4 +1,12 @@
-"""Admin: which base this API process serves. `GET /v1/admin/serving` shows it;
+"""Admin: which bases exist and which one this API process serves.
+
+`POST /v1/admin/bases {"path", "id"?}` registers a service base from a server-side HF directory or
+`.gguf` file (converted once into a float directory; see app/bases.py `register_source`). Only the
+admin names paths; tenants then see the base in `GET /v1/models` and can train prefixes on it. Bad
+input is a 400 naming the path and the reason, an id holding other weights a 409; either way,
+nothing is registered and the served base stays as it was. Registering never switches serving.
+
+`GET /v1/admin/serving` shows the served base;
 `POST /v1/admin/serving {"model": id}` loads another registered base (a service base or a
 tenant's base job) and serves it from the next batch on, with no process restart.
 
@@ -12,13 +20,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.api.deps import AdminDep, BlobsDep, SessionDep, SettingsDep
 from app.api.errors import APIError
-from app.api.models import get_engine
+from app.api.models import ModelObject, _served_of, get_engine, model_public
 from app.store.models import ModelRecord
 
 router = APIRouter(tags=["admin"])
@@ -27,6 +35,13 @@ router = APIRouter(tags=["admin"])
 class ServingSwitch(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str = Field(min_length=1, max_length=255)
+
+
+class BaseRegistration(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    path: str = Field(min_length=1, max_length=4096, description="a HF directory or .gguf file on the server")
+    id: str | None = Field(default=None, min_length=1, max_length=64,
+                           description="the base's id; default: slug of the directory's name or the file's stem")
 
 
 class ServingStatus(BaseModel):
@@ -79,3 +94,21 @@ async def switch_serving(body: ServingSwitch, request: Request, _admin: AdminDep
         record.fingerprint = served.fingerprint
         await run_in_threadpool(session.commit)
     return _status(engine)
+
+
+@router.post("/v1/admin/bases", response_model=ModelObject, status_code=201)
+async def register_base_from_path(body: BaseRegistration, request: Request, response: Response, _admin: AdminDep,
+                                  session: SessionDep, blobs: BlobsDep, settings: SettingsDep) -> ModelObject:
+    """201 with the new base; 200 when these weights are already registered under this id. A GGUF
+    converts in the request (SmolLM2-135M: about 30 s on 2 cores), once."""
+    from app.bases import BaseIdTaken, BaseSourceError, register_source
+
+    try:
+        record, created = await run_in_threadpool(register_source, settings, session, blobs, body.path, body.id)
+    except BaseSourceError as e:
+        raise APIError(400, str(e), param=e.param, code="invalid_base") from None
+    except BaseIdTaken as e:
+        raise APIError(409, str(e), param="id", code="model_id_taken", headers={"x-should-retry": "false"}) from None
+    if not created:
+        response.status_code = 200
+    return model_public(record, _served_of(request))

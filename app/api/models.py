@@ -1,10 +1,10 @@
 """Models: `GET /v1/models`, `GET /v1/models/{id}`, `DELETE /v1/models/{id}`,
 `GET /v1/models/{id}/export` (PEFT zip) and `POST /v1/models/import` (PEFT zip upload).
 
-A tenant sees the served base, the service's own bases, its own bases (from base jobs) and its
-own adapters; anything else answers 404, as if it did not exist. Model ids contain ':'
-(`ft:{base}:{tenant_id}:{suffix}:{job}`), so the path parameter is declared `{model_id:path}`;
-the `/export` route is declared first so it is not swallowed by it.
+A tenant sees the served base (listed first), the service's own bases, its own bases (from base
+jobs) and its own adapters; anything else answers 404, as if it did not exist. Model ids contain
+':' (`ft:{base}:{tenant_id}:{suffix}:{job}`), so the path parameter is declared
+`{model_id:path}`; the `/export` route is declared first so it is not swallowed by it.
 
 The model object is OpenAI's `{id, object:"model", created, owned_by}` plus our extensions:
 `kind` (base|adapter), `base` (an adapter's base), `served` (whether it can answer completions
@@ -187,7 +187,9 @@ def list_models(request: Request, tenant: TenantDep, session: SessionDep) -> Mod
     rows = session.scalars(
         select(ModelRecord).where(or_(*conds)).order_by(ModelRecord.created_at, ModelRecord.id)
     ).all()
-    rows = sorted(rows, key=lambda r: (r.kind != "base", r.created_at, r.id))
+    # the served base first (clients that take data[0] get what answers), then the other bases
+    served_id = served.id if served is not None else None
+    rows = sorted(rows, key=lambda r: (r.id != served_id, r.kind != "base", r.created_at, r.id))
     return ModelList(data=[model_public(r, served) for r in rows])
 
 

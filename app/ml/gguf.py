@@ -6,16 +6,23 @@ rest of the service (fingerprint, blobs, workers, replicas) only ever sees an or
 and never converts again. Failures are `GGUFError` (a ValueError) naming the file and the reason:
 a missing path, a file that is not GGUF or is truncated, an architecture transformers cannot load
 as a causal LM.
+
+A converted directory carries `.gguf-source.json` (the GGUF's sha256). It is a hidden file, so
+`app.bases` never uploads it: it only tells this machine that the directory is the conversion of
+this very file, so a GGUF replaced under the same name is converted again rather than served stale.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
 GGUF_MAGIC = b"GGUF"
+SOURCE_FILE = ".gguf-source.json"
 
 
 class GGUFError(ValueError):
@@ -24,6 +31,33 @@ class GGUFError(ValueError):
 
 def is_gguf_path(path) -> bool:
     return str(path).lower().endswith(".gguf")
+
+
+def gguf_sha256(path) -> str:
+    """`sha256:` + hex of the file (SmolLM2's 98 MB: about 0.2 s), the GGUF's identity."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return "sha256:" + h.hexdigest()
+
+
+def converted_from(out_dir) -> str | None:
+    """The sha256 of the GGUF that `out_dir` was converted from (None: not a conversion)."""
+    try:
+        return json.loads((Path(out_dir) / SOURCE_FILE).read_text())["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def mark_converted(out_dir, gguf_path, sha256: str) -> None:
+    """Record that `out_dir` holds the conversion of `gguf_path` (also after a download from blobs)."""
+    (Path(out_dir) / SOURCE_FILE).write_text(json.dumps({"gguf": str(gguf_path), "sha256": sha256}))
+
+
+def check_gguf(path) -> None:
+    """Raise GGUFError unless `path` is a complete GGUF of an architecture transformers loads."""
+    _check_file(Path(path))
 
 
 def _check_file(path: Path) -> None:
@@ -52,18 +86,21 @@ def _check_file(path: Path) -> None:
         raise GGUFError(f"{path}: GGUF architecture {arch!r} is not a causal LM transformers can load")
 
 
-def convert_gguf(gguf_path, out_dir) -> Path:
+def convert_gguf(gguf_path, out_dir, sha256: str | None = None) -> Path:
     """Write the float HF directory of `gguf_path` to `out_dir` (atomically: a temp dir renamed
-    into place, so a crash leaves no half base). Returns `out_dir`; an existing complete one is kept."""
+    into place, so a crash leaves no half base) and return it. An `out_dir` already converted from
+    this file (same sha256) is kept; any other one there is replaced."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src = Path(gguf_path).resolve()
     out = Path(out_dir).resolve()
-    if (out / "config.json").is_file():
-        return out
     _check_file(src)
+    sha256 = sha256 or gguf_sha256(src)
+    if (out / "config.json").is_file() and converted_from(out) == sha256:
+        return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
+    old = None
     try:
         try:
             model = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name)
@@ -77,11 +114,18 @@ def convert_gguf(gguf_path, out_dir) -> Path:
             del model.config.quantization_config
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        mark_converted(tmp, src, sha256)
+        os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide the base from other users of DATA_DIR
+        if out.exists():  # a stale conversion (another GGUF under this name): swap it out
+            old = Path(tempfile.mkdtemp(prefix=f".old-{out.name}-", dir=out.parent))
+            os.rename(out, old / "dir")
         try:
             os.rename(tmp, out)
         except OSError:  # another process converted it meanwhile
-            if not (out / "config.json").is_file():
+            if converted_from(out) != sha256:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     return out

@@ -34,10 +34,12 @@ def startup_loader(settings, session_factory, blobs):
     """A `load()` for `ServingEngine.start`: (base id, Base) of the startup base."""
 
     def load():
-        from app.bases import _complete_local, ensure_default_base, served_base_dir
+        from app.bases import _complete_local, _gguf_source, ensure_default_base, served_base_dir
 
         _slug, path = served_base_dir(settings)
-        if not _complete_local(path):  # first start: build (or fetch) the default base
+        # first start: build (or fetch) the default base; a GGUF BASE_MODEL is checked against its
+        # conversion every start, so a replaced file is converted again before anything loads
+        if not _complete_local(path) or _gguf_source(settings) is not None:
             with session_factory() as session:
                 ensure_default_base(settings, session, blobs)
         base = load_served_base(settings, path)

@@ -46,7 +46,7 @@ PG_ADMIN_DSN = os.environ.get("PREFIXD_TEST_PG", "postgresql://postgres@127.0.0.
 REDIS_BASE = os.environ.get("PREFIXD_TEST_REDIS", "redis://127.0.0.1:6379")
 # settings read from the environment that must not leak into a test service
 _SCRUB = ("DATABASE_URL", "REDIS_URL", "S3_BUCKET", "S3_ENDPOINT_URL", "S3_PREFIX", "ADMIN_API_KEY",
-          "BASE_MODEL", "DATA_DIR", "PORT")
+          "BASE_MODEL", "BASE_MODEL_ID", "DATA_DIR", "PORT")
 
 
 def free_port() -> int:
