@@ -6,19 +6,23 @@ serving engine's fair scheduler and is batched with other tenants' requests and 
 Parameters we implement: `model`, `prompt` (string, list of strings, token ids, or lists of token
 ids; required) / `messages`, `max_tokens` (chat: also `max_completion_tokens`), `temperature`
 (0 = greedy), `top_p`, `n`, `stop` (string or list of up to MAX_STOP_STRINGS), `seed` (choice i
-uses seed + i, so choices differ but are reproducible), `stream` with
+uses seed + i, so choices differ but are reproducible), `presence_penalty` and
+`frequency_penalty` (-2..2) and `logit_bias` (token-id strings -> -100..100), by OpenAI's
+definitions over each choice's own generated tokens (`app.ml.generate.GenerationRequest`; they
+change what is chosen, and greedy choices take the argmax of the changed logits, while `logprobs`
+report the model's raw distribution), `stream` with
 `stream_options.include_usage`, `logprobs` (completions: an int 0..5, the legacy
 `{tokens, token_logprobs, top_logprobs, text_offset}` object; chat: `logprobs` + `top_logprobs`).
 With `stream`, each chunk carries the logprobs of the tokens whose text it carries (`_stream`).
-`echo` (completions, n = 1, not with `stream`) puts the prompt before the completion, and with `logprobs` covers the prompt's tokens
-first (the first one's logprob and top_logprobs are null), then the generated ones; `max_tokens: 0`
-returns the prompt alone, as lm-evaluation-harness's `local-completions` needs for loglikelihoods.
+`echo` (completions, n = 1, not with `stream`) puts the prompt before the completion, and with
+`logprobs` covers the prompt's tokens first (the first one's logprob and top_logprobs are null),
+then the generated ones; `max_tokens: 0` returns the prompt alone, as lm-evaluation-harness's
+`local-completions` needs for loglikelihoods.
 
 Other OpenAI parameters, decided one by one:
 - accepted and ignored (no effect on the output): `user`, `metadata`, `store`, `service_tier`,
   `parallel_tool_calls`, `modalities`, `prediction`, `reasoning_effort`, `web_search_options`;
 - accepted when they ask for the default, 400 naming the parameter otherwise:
-  `presence_penalty` and `frequency_penalty` (0), `logit_bias` ({}),
   `best_of` (1 or equal to n), `suffix` (null or ""), `tools`/`functions` ([] or null),
   `tool_choice`/`function_call` ("none" or null), `response_format` ({"type": "text"});
 - anything else is a 400 naming it ("Unrecognized request argument").
@@ -93,9 +97,6 @@ def _queue_full(e: QueueFullError) -> APIError:
 IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "modalities", "prediction",
            "reasoning_effort", "web_search_options"}
 DEFAULT_ONLY: dict[str, Any] = {
-    "presence_penalty": lambda v: v in (None, 0, 0.0),
-    "frequency_penalty": lambda v: v in (None, 0, 0.0),
-    "logit_bias": lambda v: not v,
     "suffix": lambda v: v in (None, ""),
     "tools": lambda v: not v,
     "functions": lambda v: not v,
@@ -123,6 +124,9 @@ class _Common(BaseModel):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     best_of: int | None = None
+    presence_penalty: float | None = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float | None = Field(0.0, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None  # token id (as a string) -> -100..100; see check_logit_bias
 
 
 class CompletionCreate(_Common):
@@ -253,6 +257,28 @@ def check_params(body: _Common, settings, *, chat: bool) -> None:
                             "(MAX_STOP_STRING_CHARS)", param="stop")
     if body.stream_options is not None and not body.stream:
         raise APIError(400, "stream_options is only allowed with stream=true", param="stream_options")
+    check_logit_bias(body.logit_bias)
+
+
+def check_logit_bias(bias: dict[str, float] | None, vocab: int | None = None) -> dict[int, float] | None:
+    """`logit_bias` as {token id: bias}: keys are token ids (JSON keys are strings), in [0, vocab)
+    when `vocab` is given, values in -100..100 as OpenAI's; anything else is a 400 naming it."""
+    if not bias:
+        return None
+    out: dict[int, float] = {}
+    for key, value in bias.items():
+        try:
+            tok = int(key)
+        except (TypeError, ValueError):
+            raise APIError(400, f"logit_bias keys must be token ids, got {key!r}", param="logit_bias") from None
+        if tok < 0 or (vocab is not None and tok >= vocab):
+            raise APIError(400, f"logit_bias has token id {tok}, outside the vocabulary [0, {vocab})" if vocab
+                           else f"logit_bias has token id {tok}: token ids are not negative", param="logit_bias")
+        if not -100 <= value <= 100:
+            raise APIError(400, f"logit_bias values must be between -100 and 100, got {value} for token {tok}",
+                           param="logit_bias")
+        out[tok] = float(value)
+    return out
 
 
 def stop_list(stop) -> list[str]:
@@ -604,7 +630,8 @@ async def _stream(request: Request, handle, make_chunk, usage_chunk, include_usa
             handle.cancel()
 
 
-def _gen_requests(prompts: list[list[int]], resolved: Resolved, body, max_tokens: int, logprobs: int | None):
+def _gen_requests(prompts: list[list[int]], resolved: Resolved, body, max_tokens: int, logprobs: int | None,
+                  logit_bias: dict[int, float] | None = None):
     from app.ml.generate import GenerationRequest
 
     n = body.n or 1
@@ -617,6 +644,8 @@ def _gen_requests(prompts: list[list[int]], resolved: Resolved, body, max_tokens
             out.append(GenerationRequest(
                 prompt_ids=ids, prefix=resolved.prefix, max_tokens=max_tokens, temperature=temperature,
                 top_p=top_p, stop=stops, seed=None if body.seed is None else body.seed + j, logprobs=logprobs,
+                presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
+                logit_bias=logit_bias,
             ))
     return out
 
@@ -660,6 +689,7 @@ async def create_completion(body: CompletionCreate, request: Request, tenant: Te
     def prepare():
         resolved = resolve_model(session, engine, tenant.id, body.model)
         tokenizer = resolved.served.base.tokenizer
+        bias = check_logit_bias(body.logit_bias, len(tokenizer))
         prompts = _completion_prompts(body, tokenizer, prompt_token_limit(resolved.served, settings))
         try:
             for ids in prompts:
@@ -667,15 +697,15 @@ async def create_completion(body: CompletionCreate, request: Request, tenant: Te
         except APIError as e:
             e.charge = sum(len(p) for p in prompts)  # tokenized, then refused: charged what it was
             raise
-        return resolved, prompts
+        return resolved, prompts, bias
 
     try:
-        resolved, prompts = await run_in_threadpool(_then_close, session, prepare)
+        resolved, prompts, bias = await run_in_threadpool(_then_close, session, prepare)
     except APIError as e:
         await _charge_refused(request, tenant, settings, e)
         raise
     await charge_tokens_async(request, tenant, sum(len(p) for p in prompts) + max_tokens * n * len(prompts))
-    requests = _gen_requests(prompts, resolved, body, max_tokens, body.logprobs)
+    requests = _gen_requests(prompts, resolved, body, max_tokens, body.logprobs, bias)
     handle = _submit(engine, request, tenant.id, requests, resolved.served.fingerprint, bool(body.stream))
     cid, created, model = _new_id("cmpl"), int(time.time()), body.model
     prompt_lens = [len(p) for p in prompts]
@@ -769,6 +799,7 @@ async def create_chat_completion(body: ChatCompletionCreate, request: Request, t
 
         resolved = resolve_model(session, engine, tenant.id, body.model)
         tokenizer = resolved.served.base.tokenizer
+        bias = check_logit_bias(body.logit_bias, len(tokenizer))
         token_limit = prompt_token_limit(resolved.served, settings)
         if len(messages) > token_limit:  # each renders at least its role: one token or more
             raise RefusedPrompt(f"At most {token_limit} messages (MAX_PROMPT_TOKENS or the model's context), got "
@@ -797,17 +828,17 @@ async def create_chat_completion(body: ChatCompletionCreate, request: Request, t
         except APIError as e:
             e.charge = len(ids)  # tokenized, then refused: charged what it was
             raise
-        return resolved, ids, max_tokens
+        return resolved, ids, max_tokens, bias
 
     try:
-        resolved, ids, max_tokens = await run_in_threadpool(_then_close, session, prepare)
+        resolved, ids, max_tokens, bias = await run_in_threadpool(_then_close, session, prepare)
     except APIError as e:
         await _charge_refused(request, tenant, settings, e)
         raise
     n = body.n or 1
     await charge_tokens_async(request, tenant, len(ids) + max_tokens * n)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    requests = _gen_requests([ids], resolved, body, max_tokens, logprobs)
+    requests = _gen_requests([ids], resolved, body, max_tokens, logprobs, bias)
     handle = _submit(engine, request, tenant.id, requests, resolved.served.fingerprint, bool(body.stream))
     cid, created, model = _new_id("chatcmpl"), int(time.time()), body.model
     fingerprint = resolved.served.fingerprint or None

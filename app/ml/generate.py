@@ -53,11 +53,23 @@ class GenerationRequest:
     seed: int | None = None
     logprobs: int | None = None  # number of top alternatives to return per token; None = no logprobs
     ignore_eos: bool = False  # keep going past EOS (benchmarks want exactly max_tokens tokens)
+    # OpenAI's definitions: before choosing each token, logits[j] -= c[j] * frequency_penalty +
+    # (c[j] > 0) * presence_penalty, c[j] the times this row has generated token j so far (the
+    # prompt does not count), and logits[j] += logit_bias[j]
+    presence_penalty: float = 0.0  # -2 .. 2
+    frequency_penalty: float = 0.0  # -2 .. 2
+    logit_bias: dict[int, float] | None = None  # token id -> -100 .. 100
+
+    @property
+    def shapes_logits(self) -> bool:
+        """Whether this row's logits change before it chooses (penalties or a bias)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
 
 
 @dataclass
 class TokenLogprob:
-    """Log-probabilities under the model's raw distribution (before temperature/top-k/top-p)."""
+    """Log-probabilities under the model's raw distribution: before temperature, top-k, top-p,
+    presence/frequency penalties and logit_bias, which change what is chosen, not what is reported."""
 
     token_id: int
     token: str
@@ -420,6 +432,11 @@ class _Row:
         self.released: list[TokenLogprob] | None = [] if req.logprobs is not None else None
         self.stops = [s for s in req.stop if s]
         self.max_stop = max((len(s) for s in self.stops), default=0)
+        # rows with penalties or a bias: what they add to their logits, `[vocab]`, built at their
+        # first step (`logit_offset`) and updated with each token they take; None for the others,
+        # which pay nothing for it
+        self.offset: torch.Tensor | None = None
+        self._seen: set[int] = set()
         self.generator = None
         if req.temperature >= MIN_TEMPERATURE and req.top_k != 1:
             # One generator per request: its samples do not depend on its batch neighbours.
@@ -429,9 +446,23 @@ class _Row:
             else:
                 self.generator.seed()
 
+    def logit_offset(self, vocab: int, device) -> torch.Tensor:
+        """What this row adds to its next-token logits: its logit_bias, less its penalties on the
+        tokens it has generated so far (OpenAI's definitions, `GenerationRequest`)."""
+        if self.offset is None:
+            self.offset = torch.zeros(vocab, dtype=torch.float32, device=device)
+            for tok, bias in (self.req.logit_bias or {}).items():
+                self.offset[int(tok)] += float(bias)
+        return self.offset
+
     def advance(self, token_id: int, is_eos: bool) -> str:
         """Take one token; returns the text that may be streamed now."""
         self.token_ids.append(token_id)
+        if self.offset is not None and (self.req.frequency_penalty or self.req.presence_penalty):
+            # one more occurrence of token_id: its frequency penalty again, its presence penalty once
+            first = token_id not in self._seen
+            self._seen.add(token_id)
+            self.offset[token_id] -= self.req.frequency_penalty + (self.req.presence_penalty if first else 0.0)
         at_length = len(self.token_ids) >= self.req.max_tokens
         before = len(self.text)
         self.text += self.detok.step(token_id)
@@ -492,6 +523,16 @@ def check_request(base, req: GenerationRequest) -> None:
         raise ValueError(f"temperature must be >= 0, got {req.temperature}")
     if not MIN_TOP_P <= req.top_p <= 1:
         raise ValueError(f"top_p must be between {MIN_TOP_P} and 1, got {req.top_p}")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if not -2 <= getattr(req, name) <= 2:
+            raise ValueError(f"{name} must be between -2 and 2, got {getattr(req, name)}")
+    if req.logit_bias:
+        vocab = _embeddable_ids(base.model)
+        for tok, bias in req.logit_bias.items():
+            if not 0 <= int(tok) < vocab:
+                raise ValueError(f"logit_bias has token id {tok}, outside the vocabulary of {vocab}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"logit_bias values must be between -100 and 100, got {bias} for token {tok}")
     check_context(base, len(req.prompt_ids), prefix_length(req.prefix), req.max_tokens)
 
 
@@ -714,17 +755,32 @@ class DecodeBatch:
         failed = {j: GenerationFailedError("the next-token logits are not finite (NaN or Inf); the adapter's "
                                            "values may be corrupt")
                   for j, ok in enumerate(torch.isfinite(best.values).tolist()) if not ok}
+        # rows with penalties or a bias choose from their own shaped logits: a copy of their rows
+        # alone, so the other rows' path (and cost) is what it is without them
+        shaped = [j for j, row in enumerate(self.rows) if row.req.shapes_logits and j not in failed]
+        if shaped:
+            V, device = self.logits.shape[-1], self.logits.device
+            adjusted = self.logits[shaped] + torch.stack([self.rows[j].logit_offset(V, device) for j in shaped])
+            shaped_logits = dict(zip(shaped, adjusted))
+            greedy = [i for i, j in enumerate(shaped) if self.rows[j].generator is None]
+            if greedy:
+                for i, tok in zip(greedy, greedy_tokens(adjusted[greedy]).indices.tolist()):
+                    tokens[shaped[i]] = tok
         sampled = [j for j, row in enumerate(self.rows) if row.generator is not None and j not in failed]
         if sampled:
             uniforms = draw_uniforms([self.rows[j].generator for j in sampled])
+            x = self.logits[sampled]  # a copy: the shaped rows' own logits go in its rows
+            if shaped:
+                for i, j in enumerate(sampled):
+                    if j in shaped_logits:
+                        x[i] = shaped_logits[j]
             try:
-                picks = dict(zip(sampled, sample_tokens(self.logits[sampled], [self.rows[j].req for j in sampled],
-                                                        uniforms)))
+                picks = dict(zip(sampled, sample_tokens(x, [self.rows[j].req for j in sampled], uniforms)))
             except Exception:  # noqa: BLE001 - find the rows at fault
                 picks = {}
                 for i, j in enumerate(sampled):
                     try:
-                        picks[j] = sample_tokens(self.logits[j : j + 1], [self.rows[j].req], uniforms[i : i + 1])[0]
+                        picks[j] = sample_tokens(x[i : i + 1], [self.rows[j].req], uniforms[i : i + 1])[0]
                     except Exception as exc:  # noqa: BLE001
                         failed[j] = GenerationFailedError(f"sampling failed: {type(exc).__name__}: {exc}")
             for j, tok in picks.items():

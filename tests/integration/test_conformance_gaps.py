@@ -183,3 +183,36 @@ def test_checkpoint_before_first_evaluation_omits_valid_loss(svc):
     assert ck.metrics.train_loss == 2.5 and ck.metrics.step == 3
     raw = t.client.get(f"/v1/fine_tuning/jobs/{job.id}/checkpoints").json()["data"][0]["metrics"]
     assert raw == {"step": 3, "train_loss": 2.5}
+
+
+def test_penalties_and_logit_bias_over_http(svc):
+    """presence_penalty, frequency_penalty and logit_bias work through the official client on both
+    routes; out of range they are 400s naming the parameter."""
+    import openai
+
+    t = svc.make_tenant()
+    client = svc.openai(t.key)
+    prompt, kw = "name: Aromi | food:", {"max_tokens": 6, "temperature": 0}
+    forced_id = 42
+    forced = client.completions.create(model=BASE, prompt=prompt, logit_bias={str(forced_id): 100}, logprobs=0, **kw)
+    unbiased = client.completions.create(model=BASE, prompt=prompt, logprobs=0, **kw).choices[0].logprobs.tokens
+    assert forced.choices[0].logprobs.tokens == [forced.choices[0].logprobs.tokens[0]] * 6 != unbiased
+    # the forced token's logprob is the model's own, not the biased distribution's ~0
+    assert forced.choices[0].logprobs.token_logprobs[0] < -1
+    plain = client.completions.create(model=BASE, prompt=prompt, **kw).choices[0].text
+    assert len(set(plain)) < len(plain)  # the tiny base repeats itself ...
+    penalised = client.completions.create(model=BASE, prompt=prompt, frequency_penalty=2, presence_penalty=2, **kw)
+    assert penalised.choices[0].text != plain  # ... and the penalties change that
+    msgs = [{"role": "user", "content": "hello"}]
+    chat = client.chat.completions.create(model=BASE, messages=msgs, logit_bias={str(forced_id): 100},
+                                          frequency_penalty=0.5, logprobs=True, **kw)
+    assert [x.token for x in chat.choices[0].logprobs.content] == [forced.choices[0].logprobs.tokens[0]] * 6
+    for bad, param in (({"presence_penalty": 2.5}, "presence_penalty"), ({"frequency_penalty": -3}, "frequency_penalty"),
+                       ({"logit_bias": {"5": 101}}, "logit_bias"), ({"logit_bias": {"x": 1}}, "logit_bias"),
+                       ({"logit_bias": {"99999999": 1}}, "logit_bias")):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model=BASE, prompt=prompt, **kw, **bad)
+        assert e.value.body["param"] == param, (bad, e.value.body)
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model=BASE, messages=msgs, **kw, **bad)
+        assert e.value.body["param"] == param, (bad, e.value.body)

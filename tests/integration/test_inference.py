@@ -231,8 +231,8 @@ def test_import_rejects_bad_input(svc, tenant, tiny_base_dirs):
 @pytest.mark.parametrize("body,status,param", [
     ({"model": "nope", "prompt": "x"}, 404, "model"),
     ({"model": BASE}, 400, "prompt"),
-    ({"model": BASE, "prompt": "x", "logit_bias": {"5": 1}}, 400, "logit_bias"),
-    ({"model": BASE, "prompt": "x", "presence_penalty": 0.5}, 400, "presence_penalty"),
+    ({"model": BASE, "prompt": "x", "logit_bias": {"5": 101}}, 400, "logit_bias"),  # in range they are supported
+    ({"model": BASE, "prompt": "x", "presence_penalty": 2.5}, 400, "presence_penalty"),
     ({"model": BASE, "prompt": "x", "echo": True, "n": 2}, 400, "echo"),  # echo itself is supported (lm-eval)
     ({"model": BASE, "prompt": "x", "best_of": 3}, 400, "best_of"),
     ({"model": BASE, "prompt": "x", "bogus": 1}, 400, "bogus"),
@@ -292,7 +292,7 @@ def test_openai_client(svc, tenant, adapter_id):
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="ft:nope", prompt="x")
     with pytest.raises(openai.BadRequestError):
-        client.completions.create(model=BASE, prompt="x", logit_bias={"1": 5})
+        client.completions.create(model=BASE, prompt="x", logit_bias={"1": 500})
 
 
 # ---------------------------------------------------------------------------------- own service
