@@ -21,10 +21,13 @@ then the generated ones; `max_tokens: 0` returns the prompt alone, as lm-evaluat
 
 Other OpenAI parameters, decided one by one:
 - accepted and ignored (no effect on the output): `user`, `metadata`, `store`, `service_tier`,
-  `parallel_tool_calls`, `modalities`, `prediction`, `reasoning_effort`, `web_search_options`;
+  `parallel_tool_calls`, `modalities`, `prediction`, `reasoning_effort`, `web_search_options`,
+  `prompt_cache_key`, `prompt_cache_retention`, `prompt_cache_options`, `safety_identifier`,
+  `verbosity`;
 - accepted when they ask for the default, 400 naming the parameter otherwise:
   `best_of` (1 or equal to n), `suffix` (null or ""), `tools`/`functions` ([] or null),
-  `tool_choice`/`function_call` ("none" or null), `response_format` ({"type": "text"});
+  `tool_choice`/`function_call` ("none" or null), `response_format` ({"type": "text"}),
+  `audio` and `moderation` (null);
 - anything else is a 400 naming it ("Unrecognized request argument").
 
 Limits (settings): MAX_PROMPT_TOKENS, MAX_COMPLETION_TOKENS (`max_tokens` above it is a 400,
@@ -95,7 +98,9 @@ def _queue_full(e: QueueFullError) -> APIError:
                     headers={"Retry-After": str(e.retry_after_s)})
 
 IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "modalities", "prediction",
-           "reasoning_effort", "web_search_options"}
+           "reasoning_effort", "web_search_options",
+           # what the official client sends for caching and abuse tracking: no effect on our output
+           "prompt_cache_key", "prompt_cache_retention", "prompt_cache_options", "safety_identifier", "verbosity"}
 DEFAULT_ONLY: dict[str, Any] = {
     "suffix": lambda v: v in (None, ""),
     "tools": lambda v: not v,
@@ -103,6 +108,8 @@ DEFAULT_ONLY: dict[str, Any] = {
     "tool_choice": lambda v: v in (None, "none"),
     "function_call": lambda v: v in (None, "none"),
     "response_format": lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"),
+    "audio": lambda v: v is None,
+    "moderation": lambda v: v is None,
 }
 MAX_LABELS = 4096  # a static bound for the schema; the setting MAX_CLASSIFY_LABELS (default 64) applies
 DISCONNECT_POLL_S = 0.25

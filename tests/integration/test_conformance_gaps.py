@@ -216,3 +216,29 @@ def test_penalties_and_logit_bias_over_http(svc):
         with pytest.raises(openai.BadRequestError) as e:
             client.chat.completions.create(model=BASE, messages=msgs, **kw, **bad)
         assert e.value.body["param"] == param, (bad, e.value.body)
+
+
+def test_documented_extensions_hold_official_client(svc):
+    """What docs/EXTENSIONS.md says of jobs and of the client's newer chat fields, on a real server:
+    OpenAI's supervised method answers as the prefix job it is, n_epochs may pass the spec's 50,
+    and the caching/abuse fields the client sends are accepted."""
+    import openai
+
+    t = svc.make_tenant()
+    client = svc.openai(t.key)
+    fid = upload(t.client, rows(8))
+    job = client.fine_tuning.jobs.create(model=BASE, training_file=fid, method={
+        "type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 60}}})
+    assert job.method.type == "prefix"
+    method = t.client.get(f"/v1/fine_tuning/jobs/{job.id}").json()["method"]
+    assert method["prefix"]["hyperparameters"]["n_epochs"] == 60 and "supervised" not in method
+    with pytest.raises(openai.BadRequestError) as e:
+        client.fine_tuning.jobs.create(model=BASE, training_file=fid, method={
+            "type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 101}}})
+    assert e.value.body["param"] == "method.prefix.hyperparameters.n_epochs"
+    with pytest.raises(openai.BadRequestError):
+        client.fine_tuning.jobs.create(model=BASE, training_file=fid, integrations=[{"type": "wandb", "wandb": {
+            "project": "x"}}])
+    chat = client.chat.completions.create(model=BASE, messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+                                          prompt_cache_key="k", safety_identifier="u1", verbosity="low")
+    assert chat.choices[0].message.role == "assistant"
