@@ -1,4 +1,6 @@
 PORT ?= 8000
+# BASE=smollm2 serves SmolLM2-135M-Instruct (scripts/smollm2.sh); empty: BASE_MODEL or `default`
+BASE ?=
 PY := .venv/bin/python
 PIP := .venv/bin/pip
 
@@ -18,7 +20,13 @@ test: venv
 	$(PY) -m pytest -q tests
 
 run: venv
+ifeq ($(BASE),smollm2)
+	PORT=$(PORT) PY=$(PY) scripts/smollm2.sh
+else ifneq ($(BASE),)
+	@echo "unknown BASE=$(BASE): use BASE=smollm2, or BASE_MODEL=/path/to/dir-or.gguf" >&2; exit 2
+else
 	PORT=$(PORT) $(PY) -m app.run
+endif
 
 clean:
 	rm -rf .venv var

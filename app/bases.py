@@ -387,13 +387,18 @@ def register_source(settings, session, blobs, source: str, slug: str | None = No
     since adapters and served replicas rely on its fingerprint."""
     from app.ml.gguf import GGUFError, check_gguf, convert_gguf, gguf_sha256, is_gguf_path
 
-    raw = Path(str(source)).expanduser()
-    if not raw.is_absolute():
-        raise BaseSourceError(f"{source}: the path must be absolute (a path on the server)")
-    src = raw.resolve()
-    if not src.exists():
+    try:
+        raw = Path(str(source))
+        if not raw.is_absolute():
+            raise BaseSourceError(f"{source}: the path must be absolute (a path on the server)")
+        src = raw.resolve()
+        exists, is_file = src.exists(), src.is_file()
+    except (OSError, ValueError) as e:  # an embedded NUL, a name too long, a loop of links
+        if isinstance(e, BaseSourceError):
+            raise
+        raise BaseSourceError(f"{source!r}: not a usable path ({e})") from None
+    if not exists:
         raise BaseSourceError(f"{src}: no such file or directory")
-    is_file = src.is_file()
     if is_file and not is_gguf_path(src):
         raise BaseSourceError(f"{src}: neither a .gguf file nor a Hugging Face model directory")
     if slug is None:
@@ -422,7 +427,10 @@ def register_source(settings, session, blobs, source: str, slug: str | None = No
             raise BaseSourceError(str(e)) from None
         details = {"source": "admin", "gguf": str(src), "gguf_sha256": sha}
     else:
-        _check_hf_dir(src)
+        try:
+            _check_hf_dir(src)
+        except PermissionError as e:
+            raise BaseSourceError(f"{src}: not readable by the server ({e.strerror})") from None
         local, details = src, {"source": "admin"}
     try:
         fingerprint = _fingerprint_of(local)

@@ -96,7 +96,8 @@ async def switch_serving(body: ServingSwitch, request: Request, _admin: AdminDep
     return _status(engine)
 
 
-@router.post("/v1/admin/bases", response_model=ModelObject, status_code=201)
+@router.post("/v1/admin/bases", response_model=ModelObject, status_code=201,
+             responses={200: {"model": ModelObject, "description": "These weights are already registered under this id"}})
 async def register_base_from_path(body: BaseRegistration, request: Request, response: Response, _admin: AdminDep,
                                   session: SessionDep, blobs: BlobsDep, settings: SettingsDep) -> ModelObject:
     """201 with the new base; 200 when these weights are already registered under this id. A GGUF

@@ -91,3 +91,13 @@ def test_smollm2_converts_with_its_chat_template_and_gqa(tmp_path):
     with torch.no_grad():
         out_ids = base.model.generate(ids, max_new_tokens=12, do_sample=False)
     assert "Paris" in base.tokenizer.decode(out_ids[0, ids.shape[1]:])
+    # a prefix lives in the 3 key-value heads: [heads, P, head_dim] per layer
+    from app.ml.config import PrefixTrainingConfig
+    from app.ml.data import Example
+    from app.ml.train import train_prefix
+
+    ex = [Example(f"Item: {w}. Category:", f" {c}") for w, c in [("apple", "fruit"), ("leek", "vegetable")] * 4]
+    res = train_prefix(base, ex, config=PrefixTrainingConfig(n_epochs=2, batch_size=4, num_virtual_tokens=4,
+                                                             checkpoint_every=0))
+    kv = res.adapter.key_values()
+    assert res.steps == 4 and len(kv) == 30 and tuple(kv[0][0].shape) == (3, 4, 64)

@@ -123,6 +123,8 @@ def test_register_source_refuses_bad_input(store, tiny_gguf, tiny_base_dirs, tmp
     cases = [
         (str(tmp_path / "missing.gguf"), None, "missing.gguf: no such file or directory"),
         ("relative/model.gguf", None, "the path must be absolute"),
+        ("/tmp/a\0b.gguf", None, "not a usable path"),
+        ("/" + "x" * 5000 + ".gguf", None, "not a usable path|no such file"),
         (str(tmp_path / "cut.gguf"), None, "cut.gguf: unreadable or truncated GGUF"),
         (str(tmp_path / "clip.gguf"), None, "clip.gguf: GGUF architecture 'clip' is not a causal LM"),
         (str(tmp_path / "notes.txt"), None, "notes.txt: neither a .gguf file nor a Hugging Face model directory"),
