@@ -14,6 +14,7 @@ this very file, so a GGUF replaced under the same name is converted again rather
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -90,8 +91,6 @@ def convert_gguf(gguf_path, out_dir, sha256: str | None = None) -> Path:
     """Write the float HF directory of `gguf_path` to `out_dir` (atomically: a temp dir renamed
     into place, so a crash leaves no half base) and return it. An `out_dir` already converted from
     this file (same sha256) is kept; any other one there is replaced."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     src = Path(gguf_path).resolve()
     out = Path(out_dir).resolve()
     _check_file(src)
@@ -99,6 +98,21 @@ def convert_gguf(gguf_path, out_dir, sha256: str | None = None) -> Path:
     if (out / "config.json").is_file() and converted_from(out) == sha256:
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
+    # processes sharing DATA_DIR (replicas starting together) convert one at a time, and the later
+    # ones then find the conversion done instead of swapping it away under a process loading it
+    fd = os.open(out.parent / f".{out.name}.convert.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # released by the kernel if the process dies
+        if (out / "config.json").is_file() and converted_from(out) == sha256:
+            return out
+        return _convert(src, out, sha256)
+    finally:
+        os.close(fd)
+
+
+def _convert(src: Path, out: Path, sha256: str) -> Path:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
     old = None
     try:
@@ -119,11 +133,7 @@ def convert_gguf(gguf_path, out_dir, sha256: str | None = None) -> Path:
         if out.exists():  # a stale conversion (another GGUF under this name): swap it out
             old = Path(tempfile.mkdtemp(prefix=f".old-{out.name}-", dir=out.parent))
             os.rename(out, old / "dir")
-        try:
-            os.rename(tmp, out)
-        except OSError:  # another process converted it meanwhile
-            if converted_from(out) != sha256:
-                raise
+        os.rename(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None:

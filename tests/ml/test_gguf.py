@@ -52,6 +52,19 @@ def test_conversion_kept_then_replaced_when_the_gguf_changes(tiny_gguf, tmp_path
     assert not [p for p in out.parent.iterdir() if p.name.startswith((".tmp-", ".old-"))]
 
 
+def test_concurrent_conversions_convert_once(tiny_gguf, tmp_path, monkeypatch):
+    """Replicas sharing DATA_DIR start together: one converts, the others wait and reuse it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from app.ml import gguf as g
+
+    calls, real = [], g._convert
+    monkeypatch.setattr(g, "_convert", lambda *a: calls.append(a) or real(*a))
+    with ThreadPoolExecutor(3) as pool:
+        outs = list(pool.map(lambda _: g.convert_gguf(tiny_gguf[1], tmp_path / "shared"), range(3)))
+    assert len(calls) == 1 and len(set(outs)) == 1 and (outs[0] / "config.json").is_file()
+
+
 def test_gguf_errors_name_the_file_and_why(tiny_gguf, tmp_path):
     from app.ml.gguf import GGUFError, convert_gguf
 
