@@ -16,7 +16,9 @@ PIP := .venv/bin/pip
 
 venv: .venv/.installed
 
+# lint first (seconds), then the suite
 test: venv
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q tests
 
 run: venv

@@ -75,7 +75,7 @@ class Settings(BaseSettings):
     max_classify_labels: int = 64
     max_stop_string_chars: int = 256
 
-    # per-tenant quota defaults (tenant.quotas overrides them; 0 = unlimited; see app/quotas.py)
+    # per-tenant quota defaults (tenant.quotas overrides them; 0 = unlimited; see app/tenancy/quotas.py)
     quota_storage_bytes: int = 10 * 1024**3
     quota_files: int = 1000
     quota_adapters: int = 500

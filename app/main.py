@@ -1,9 +1,9 @@
 """The FastAPI application: `create_app(settings=None)` (uvicorn `--factory`).
 
 Lifespan: settings -> data dir -> db (Alembic upgrade head) -> blobs -> admin key ->
-`app.stop_broadcast.start(app)` (distributed mode: the replicas' cancellation channel) ->
+`app.tenancy.stop_broadcast.start(app)` (distributed mode: the replicas' cancellation channel) ->
 `app.serving.lifecycle.start(app)` -> serve -> `app.serving.lifecycle.stop(app)` ->
-`app.stop_broadcast.shutdown(app)`.
+`app.tenancy.stop_broadcast.shutdown(app)`.
 """
 
 from __future__ import annotations
@@ -18,8 +18,15 @@ from fastapi.openapi.utils import get_openapi
 
 from app.api.deps import load_or_create_admin_key
 from app.api.errors import ERROR_RESPONSES, install_error_handlers
+from app.api.files import revalidate_pending
 from app.api.middleware import RequestContextMiddleware, body_limit_for
+from app.api.routes import ROUTERS
 from app.config import Settings, get_settings
+from app.serving import lifecycle
+from app.store.blobs import make_blob_store
+from app.store.db import init_db, make_engine, make_session_factory
+from app.store.storage import ensure_reserve
+from app.tenancy import stop_broadcast
 
 log = logging.getLogger("prefixd")
 
@@ -27,8 +34,6 @@ PUBLIC_PATHS = ("/healthz", "/readyz", "/metrics", "/docs", "/openapi.json")
 
 
 def _setup_state(app: FastAPI, settings: Settings) -> None:
-    from app.store.blobs import make_blob_store
-    from app.store.db import init_db, make_engine, make_session_factory
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     engine = make_engine(settings.resolved_database_url)
@@ -36,7 +41,6 @@ def _setup_state(app: FastAPI, settings: Settings) -> None:
     app.state.engine = engine
     app.state.session_factory = make_session_factory(engine)
     app.state.blobs = make_blob_store(settings)
-    from app.store.storage import ensure_reserve
 
     ensure_reserve(settings)  # room for deletes once the disk is full (app/store/storage.py)
     key, generated = load_or_create_admin_key(settings)
@@ -50,9 +54,6 @@ def _setup_state(app: FastAPI, settings: Settings) -> None:
 
 @asynccontextmanager
 async def lifespan(app: FastAPI):
-    from app import stop_broadcast
-    from app.api.files import revalidate_pending
-    from app.serving import lifecycle
 
     settings: Settings = app.state.settings
     await run_in_threadpool(_setup_state, app, settings)
@@ -90,7 +91,6 @@ def _custom_openapi(app: FastAPI):
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    from app.api.routes import ROUTERS
 
     settings = settings or get_settings()
     if not logging.getLogger().handlers:

@@ -25,7 +25,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from app.api.deps import load_or_create_admin_key
 from app.config import Settings
+from app.jobs.state import expire_worker
+from app.store.db import make_engine, make_session_factory
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -98,8 +101,6 @@ def release_jobs_of(settings: Settings) -> Callable[[int], None]:
     monitor requeues them within a pass (seconds) instead of after JOB_STALE_AFTER_S."""
 
     def release(pid: int) -> None:
-        from app.jobs.state import expire_worker
-        from app.store.db import make_engine, make_session_factory
 
         try:
             engine = make_engine(settings.resolved_database_url)
@@ -110,7 +111,9 @@ def release_jobs_of(settings: Settings) -> Callable[[int], None]:
             finally:
                 engine.dispose()
         except Exception as exc:  # noqa: BLE001 - the heartbeat timeout still recovers the jobs
-            _say(f"could not release the jobs of worker {pid} ({exc}); they are requeued when their heartbeat goes stale")
+            _say(
+                f"could not release the jobs of worker {pid} ({exc}); they are requeued when their heartbeat goes stale"
+            )
             return
         if n:
             _say(f"worker {pid} held {n} running job(s); they resume from their last checkpoint")
@@ -145,8 +148,9 @@ def _stop(procs: list[subprocess.Popen], timeout: float = 20.0) -> None:
             p.wait()
 
 
-def supervise(children: list[Child], env: dict[str, str], should_stop: Callable[[], bool],
-              cwd: Path = ROOT, poll_s: float = 0.2) -> int:
+def supervise(
+    children: list[Child], env: dict[str, str], should_stop: Callable[[], bool], cwd: Path = ROOT, poll_s: float = 0.2
+) -> int:
     """Start `children`, restart each one that exits as its policy says, until `should_stop()`
     (0) or a policy gives up (1). Every child is stopped before this returns."""
     try:
@@ -161,8 +165,10 @@ def supervise(children: list[Child], env: dict[str, str], should_stop: Callable[
                         c.on_exit(c.proc.pid)
                     delay = c.policy.on_exit(now, c.started_at)
                     if delay is None:
-                        _say(f"{c.name} exited ({c.proc.returncode}), {len(c.policy.exits)} times within "
-                             f"{c.policy.window_s:g} s; stopping")
+                        _say(
+                            f"{c.name} exited ({c.proc.returncode}), {len(c.policy.exits)} times within "
+                            f"{c.policy.window_s:g} s; stopping"
+                        )
                         return 1
                     _say(f"{c.name} exited ({c.proc.returncode}); restarting in {delay:g} s")
                     c.restart_at = now + delay
@@ -178,7 +184,6 @@ def supervise(children: list[Child], env: dict[str, str], should_stop: Callable[
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    from app.api.deps import load_or_create_admin_key
 
     parser = argparse.ArgumentParser(prog="python -m app.run", description=__doc__.split("\n")[0])
     group = parser.add_mutually_exclusive_group()
@@ -191,8 +196,10 @@ def main(argv: list[str] | None = None) -> int:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     key, generated = load_or_create_admin_key(settings)
     if generated:
-        print(f"prefixd: admin key (shown once; saved to {settings.data_dir / 'admin_key'}, mode 0600):\n  {key}",
-              flush=True)
+        print(
+            f"prefixd: admin key (shown once; saved to {settings.data_dir / 'admin_key'}, mode 0600):\n  {key}",
+            flush=True,
+        )
     elif key and not settings.admin_api_key:
         print(f"prefixd: admin key in {settings.data_dir / 'admin_key'}", flush=True)
     env = child_env(settings, key)
@@ -208,8 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         print("prefixd: worker/celery_app.py not found", file=sys.stderr, flush=True)
         return 2
     else:
-        print("prefixd: worker/celery_app.py not found; starting the API without a worker", file=sys.stderr,
-              flush=True)
+        print("prefixd: worker/celery_app.py not found; starting the API without a worker", file=sys.stderr, flush=True)
 
     stopping = {"sig": None}
 

@@ -12,12 +12,29 @@ from collections.abc import Sequence
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-E2E_CSV = Path(os.environ.get("E2E_CSV", REPO.parent / "shared" / "data" / "e2e" / "devset.csv"))
 
 
-def load_e2e(path: str | os.PathLike = E2E_CSV) -> list[tuple[str, str]]:
+class DataRootMissing(FileNotFoundError):
+    pass
+
+
+def data_root() -> Path:
+    """The public task data beside the repository: `PREFIXD_DATA_ROOT`, default `../shared/data`."""
+    root = Path(os.environ.get("PREFIXD_DATA_ROOT", REPO.parent / "shared" / "data"))
+    if not root.is_dir():
+        raise DataRootMissing(f"task data not found at {root}: set PREFIXD_DATA_ROOT to the folder that holds "
+                              "e2e/, sst2/, ... (see its README.md)")
+    return root
+
+
+def e2e_csv() -> Path:
+    """E2E's dev set: `E2E_CSV`, else `e2e/devset.csv` under the data root."""
+    return Path(os.environ["E2E_CSV"]) if os.environ.get("E2E_CSV") else data_root() / "e2e" / "devset.csv"
+
+
+def load_e2e(path: str | os.PathLike | None = None) -> list[tuple[str, str]]:
     """(mr, ref) rows of the E2E CSV, in file order."""
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path or e2e_csv(), newline="", encoding="utf-8") as f:
         return [(r["mr"].strip(), r["ref"].strip()) for r in csv.DictReader(f)]
 
 

@@ -93,7 +93,7 @@ def exact_match(base, examples: list[Example], prefix=None, batch: int = 32) -> 
         chunk = examples[i : i + batch]
         reqs = [GenerationRequest(encode_prompt(base.tokenizer, e.prompt), prefix=prefix, max_tokens=4,
                                   temperature=0.0) for e in chunk]
-        for e, r in zip(chunk, generate(base, reqs)):
+        for e, r in zip(chunk, generate(base, reqs), strict=False):
             ok += r.text.strip() == e.completion.strip()
     return ok / max(1, len(examples))
 
@@ -101,7 +101,9 @@ def exact_match(base, examples: list[Example], prefix=None, batch: int = 32) -> 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--base", default=None, help="an existing base directory (default: build/reuse ./var/bench/default)")
+    ap.add_argument(
+        "--base", default=None, help="an existing base directory (default: build/reuse ./var/bench/default)"
+    )
     ap.add_argument("--threads", type=int, default=int(os.environ.get("TORCH_THREADS", "2")))
     ap.add_argument("--config", default="{}", help="JSON overrides of PrefixTrainingConfig (experiments only)")
     args = ap.parse_args(argv)
@@ -118,7 +120,7 @@ def main(argv=None) -> dict:
     n_train, n_eval = (200, 60) if args.quick else (360, 150)
     task = make_task(n_train, n_eval)
     # what the service does for {"type": "prefix"}: ~10% of the prompts held out for validation
-    from app.jobs.data import holdout_split
+    from app.jobs.datasets import holdout_split
 
     train, valid = holdout_split(task["train"], 0)
     overrides = json.loads(args.config)
@@ -137,7 +139,9 @@ def main(argv=None) -> dict:
         "em_new_words": exact_match(base, task["new_words"], kv),
         "train_seconds": round(train_s, 1),
         "base_build_seconds": round(build_s, 1),
-        "train_examples": len(train), "valid_examples": len(valid), "held_examples": len(task["held"]),
+        "train_examples": len(train),
+        "valid_examples": len(valid),
+        "held_examples": len(task["held"]),
         "steps": result.steps,
         "best_valid_loss": result.metrics.get("best_valid_loss"),
         "train_loss": result.metrics.get("train_loss"),

@@ -75,11 +75,14 @@ def main(argv=None) -> dict:
                            headers={"Authorization": f"Bearer {admin}"}, timeout=30).json()
             c = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {t['api_key']}"}, timeout=60)
             jsonl = "".join(json.dumps({"prompt": e.prompt, "completion": e.completion}) + "\n" for e in task["train"])
-            f = c.post("/v1/files", files={"file": ("train.jsonl", jsonl.encode())}, data={"purpose": "fine-tune"}).json()
+            f = c.post(
+                "/v1/files", files={"file": ("train.jsonl", jsonl.encode())}, data={"purpose": "fine-tune"}
+            ).json()
             base_id = c.get("/v1/models").json()["data"][0]["id"]
             t0 = time.monotonic()
-            job = c.post("/v1/fine_tuning/jobs", json={"model": base_id, "training_file": f["id"],
-                                                       "method": {"type": "prefix"}}).json()
+            job = c.post(
+                "/v1/fine_tuning/jobs", json={"model": base_id, "training_file": f["id"], "method": {"type": "prefix"}}
+            ).json()
             log(f"job {job['id']} created")
             while job["status"] not in ("succeeded", "failed", "cancelled"):
                 time.sleep(2)
@@ -93,11 +96,14 @@ def main(argv=None) -> dict:
                 "em_prefix": asyncio.run(_exact_match(url, t["api_key"], job["fine_tuned_model"], task["held"])),
                 "em_base_combos": asyncio.run(_exact_match(url, t["api_key"], base_id, task["combos"])),
                 "em_prefix_combos": asyncio.run(
-                    _exact_match(url, t["api_key"], job["fine_tuned_model"], task["combos"])),
+                    _exact_match(url, t["api_key"], job["fine_tuned_model"], task["combos"])
+                ),
                 "job_seconds": round(job_s, 1),
                 "trained_tokens": job.get("trained_tokens"),
                 "hyperparameters": job.get("hyperparameters"),
-                "train_pairs": len(task["train"]), "held_prompts": len(task["held"]), "base": str(base),
+                "train_pairs": len(task["train"]),
+                "held_prompts": len(task["held"]),
+                "base": str(base),
             }
         finally:
             os.killpg(proc.pid, signal.SIGTERM)

@@ -4,8 +4,8 @@
 
 Last line: JSON with `bleu_base`, `bleu_prefix`, `bleu_finetune`, `trained_param_share` (and more).
 
-1. Data: `../shared/data/e2e/devset.csv`, split by MR (a hash of the MR picks its split, so no MR
-   is on two sides; deterministic). Prompt `"{mr}\\n"`, completion `"{ref}"`.
+1. Data: `e2e/devset.csv` under `PREFIXD_DATA_ROOT` (default `../shared/data`), split by MR (a hash
+   of the MR picks its split, so no MR is on two sides; deterministic). Prompt `"{mr}\\n"`, completion `"{ref}"`.
 2. Base: a small GPT-2-style model (full multi-head attention; full mode 128 wide, 3 layers, 4
    heads, 0.9M parameters, init std 0.1, 6 epochs = 308 steps at lr 3e-3) trained from scratch on the
    *train-split references as plain text*, never on an MR. Its byte-level BPE is trained on the
@@ -175,7 +175,8 @@ def build_base(out_dir: str, train_rows, valid_rows, cfg: dict, seed: int = 0):
 def _loss(model, batch) -> tuple[torch.Tensor, int]:
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     L = ids.shape[1]
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask, L), use_cache=False).logits
+    positions = positions_from_mask(mask, L)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
     target = labels[:, 1:]
     loss = torch.nn.functional.cross_entropy(
         logits[:, :-1].reshape(-1, logits.shape[-1]).float(), target.reshape(-1), ignore_index=-100, reduction="sum"
@@ -220,7 +221,10 @@ def train_full(model, train, valid, epochs, batch_size, lr, pad_id, seed, what="
             if best is None or rec["valid_loss"] < best:
                 best, best_state = rec["valid_loss"], copy.deepcopy(model.state_dict())
         history.append(rec)
-        log(f"{what} epoch {epoch}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()))
+        log(
+            f"{what} epoch {epoch}: "
+            + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items())
+        )
     if best_state is not None:
         model.load_state_dict(best_state)
     model.eval().requires_grad_(False)
@@ -247,8 +251,13 @@ def prefix_tune(base, train_ex, valid_ex, cfg: dict, seed: int = 0, **overrides)
     from app.ml.train import train_prefix
 
     pcfg = PrefixTrainingConfig(
-        num_virtual_tokens=cfg["prefix_tokens"], n_epochs=cfg["epochs"], batch_size=cfg["batch_size"],
-        learning_rate=cfg["prefix_lr"], early_stopping_patience=0, checkpoint_every=0, seed=seed,
+        num_virtual_tokens=cfg["prefix_tokens"],
+        n_epochs=cfg["epochs"],
+        batch_size=cfg["batch_size"],
+        learning_rate=cfg["prefix_lr"],
+        early_stopping_patience=0,
+        checkpoint_every=0,
+        seed=seed,
         log_every=50,
     )
     for k, v in overrides.items():
@@ -263,8 +272,14 @@ def prefix_tune(base, train_ex, valid_ex, cfg: dict, seed: int = 0, **overrides)
     return res
 
 
-def run(mode: str, seed: int = 0, base_dir: str | None = None, overrides: dict | None = None,
-        prefix_options: dict | None = None, skip_finetune: bool = False) -> dict:
+def run(
+    mode: str,
+    seed: int = 0,
+    base_dir: str | None = None,
+    overrides: dict | None = None,
+    prefix_options: dict | None = None,
+    skip_finetune: bool = False,
+) -> dict:
     cfg = {**MODES[mode], **(overrides or {})}
     t_start = time.perf_counter()
     split = split_by_mr(load_e2e())
@@ -272,11 +287,17 @@ def run(mode: str, seed: int = 0, base_dir: str | None = None, overrides: dict |
     valid_rows = limit_mrs(split["valid"], None if cfg["test_mrs"] is None else max(5, cfg["test_mrs"] // 2))
     test_rows = limit_mrs(split["test"], cfg["test_mrs"])
     mrs = lambda rows: len({m for m, _ in rows})  # noqa: E731
-    log(f"{mode}: train {mrs(train_rows)} MRs/{len(train_rows)} rows, valid {mrs(valid_rows)}/{len(valid_rows)}, "
-        f"test {mrs(test_rows)}/{len(test_rows)}")
+    log(
+        f"{mode}: train {mrs(train_rows)} MRs/{len(train_rows)} rows, valid {mrs(valid_rows)}/{len(valid_rows)}, "
+        f"test {mrs(test_rows)}/{len(test_rows)}"
+    )
     k = cfg["refs_per_mr"]
     st = cfg["mr_style"]
-    train_ex, valid_ex, test_ex = to_examples(train_rows, k, st), to_examples(valid_rows, k, st), to_examples(test_rows, None, st)
+    train_ex, valid_ex, test_ex = (
+        to_examples(train_rows, k, st),
+        to_examples(valid_rows, k, st),
+        to_examples(test_rows, None, st),
+    )
     log(f"tuning on {len(train_ex)} examples, validating on {len(valid_ex)}, testing on {len(test_ex)} references")
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -323,15 +344,30 @@ def run(mode: str, seed: int = 0, base_dir: str | None = None, overrides: dict |
         "bleu_finetune": r2(m_ft["bleu"]),
         "prefix_vs_finetune": r2(m_prefix["bleu"] / m_ft["bleu"]) if m_ft["bleu"] else None,
         "trained_param_share": round(n_prefix / n_base, 6),
-        "chrf_base": r2(m_base["chrf"]), "chrf_prefix": r2(m_prefix["chrf"]), "chrf_finetune": r2(m_ft["chrf"]),
-        "loss_base": r2(m_base["loss"]), "loss_prefix": r2(m_prefix["loss"]), "loss_finetune": r2(m_ft["loss"]),
-        "prefix_params": n_prefix, "base_params": n_base, "base_valid_ppl": base_metrics.get("valid_perplexity"),
-        "base": {k: cfg.get(k) for k in BASE_KEYS}, "ft_lr": cfg["ft_lr"],
-        "num_virtual_tokens": cfg["prefix_tokens"], "epochs": cfg["epochs"], "prefix_steps": res.steps,
-        "prefix_options": prefix_options or {}, "overrides": overrides or {},
-        "train_mrs": mrs(train_rows), "test_mrs": mrs(test_rows),
-        "seconds": {"base": round(t_base), "prefix": round(t_prefix), "finetune": round(t_ft),
-                    "total": round(time.perf_counter() - t_start)},
+        "chrf_base": r2(m_base["chrf"]),
+        "chrf_prefix": r2(m_prefix["chrf"]),
+        "chrf_finetune": r2(m_ft["chrf"]),
+        "loss_base": r2(m_base["loss"]),
+        "loss_prefix": r2(m_prefix["loss"]),
+        "loss_finetune": r2(m_ft["loss"]),
+        "prefix_params": n_prefix,
+        "base_params": n_base,
+        "base_valid_ppl": base_metrics.get("valid_perplexity"),
+        "base": {k: cfg.get(k) for k in BASE_KEYS},
+        "ft_lr": cfg["ft_lr"],
+        "num_virtual_tokens": cfg["prefix_tokens"],
+        "epochs": cfg["epochs"],
+        "prefix_steps": res.steps,
+        "prefix_options": prefix_options or {},
+        "overrides": overrides or {},
+        "train_mrs": mrs(train_rows),
+        "test_mrs": mrs(test_rows),
+        "seconds": {
+            "base": round(t_base),
+            "prefix": round(t_prefix),
+            "finetune": round(t_ft),
+            "total": round(time.perf_counter() - t_start),
+        },
     }
 
 
@@ -340,15 +376,33 @@ def main(argv=None) -> None:
     ap.add_argument("--quick", action="store_true", help="small model and data, same keys, < 3 min on 2 cores")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--base-dir", help="keep the trained base here and reuse it on later runs")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a MODES entry, e.g. --set epochs=5 --set prefix_lr=0.01")
-    ap.add_argument("--prefix", action="append", default=[], metavar="KEY=VALUE",
-                    help="PrefixTrainingConfig field, e.g. --prefix prefix_projection=true --prefix init=text")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a MODES entry, e.g. --set epochs=5 --set prefix_lr=0.01",
+    )
+    ap.add_argument(
+        "--prefix",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="PrefixTrainingConfig field, e.g. --prefix prefix_projection=true --prefix init=text",
+    )
     ap.add_argument("--skip-finetune", action="store_true", help="prefix variants only (bleu_finetune null)")
     args = ap.parse_args(argv)
     random.seed(args.seed)
-    emit(run("quick" if args.quick else "full", args.seed, args.base_dir, _kv(args.set), _kv(args.prefix),
-             args.skip_finetune))
+    emit(
+        run(
+            "quick" if args.quick else "full",
+            args.seed,
+            args.base_dir,
+            _kv(args.set),
+            _kv(args.prefix),
+            args.skip_finetune,
+        )
+    )
 
 
 def _kv(items: list[str]) -> dict:

@@ -12,8 +12,8 @@ median of the pairs' ratios; `mixed_vs_one_at_a_time` the ratio of the modes' me
 
 Base: the service's `default` base, built once by `build_default_base` and cached under
 ./var/bench/default. With --quick and no cached build, the same `default` preset untrained (same
-shapes, so the same compute per token). The JSON says which. Every request generates exactly `--new-tokens` tokens (ignore_eos),
-so the three modes do the same work.
+shapes, so the same compute per token). The JSON says which. Every request generates exactly
+`--new-tokens` tokens (ignore_eos), so the three modes do the same work.
 
 Measured on the 4-KV-head default base (3.34M parameters, E2E prompts of 43.5 tokens on average),
 torch's 2 threads. Machine speed drifts and each run takes its own ratio side by side.
@@ -67,7 +67,9 @@ def _load_or_build_base(quick: bool, dtype: torch.dtype | None = None, device="c
     if not (untrained / "config.json").exists():
         log(f"--quick: default preset, untrained, into {untrained}")
         build_default_base(str(untrained), seed=0, config=BaseTrainingConfig(steps=0))
-    return load_base(str(untrained), device=device, dtype=dtype), "default-preset-untrained (--quick, no cached default build)"
+    return load_base(
+        str(untrained), device=device, dtype=dtype
+    ), "default-preset-untrained (--quick, no cached default build)"
 
 
 def _adapter_tables(base, n: int, P: int) -> tuple[PrefixConfig, list[torch.Tensor]]:
@@ -87,7 +89,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--prefix-len", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=16)
-    ap.add_argument("--repeats", type=int, default=None, help="rounds: one one-at-a-time run each (default 8, --quick 2)")
+    ap.add_argument(
+        "--repeats", type=int, default=None, help="rounds: one one-at-a-time run each (default 8, --quick 2)"
+    )
     ap.add_argument("--pairs", type=int, default=3, help="timed mixed/shared pairs per round")
     # E2E meaning representations average ~44 tokens; prefill is compute bound on CPU and batches
     # far less than decoding does, so the one-at-a-time ratio grows as prompts get shorter.
@@ -119,8 +123,10 @@ def main(argv: list[str] | None = None) -> dict:
         return table_to_key_values(table.to(base.device), cfg, dtype)
 
     def requests(prefixes):
-        return [GenerationRequest(p, prefix=x, max_tokens=N, temperature=0, ignore_eos=True)
-                for p, x in zip(prompts, prefixes)]
+        return [
+            GenerationRequest(p, prefix=x, max_tokens=N, temperature=0, ignore_eos=True)
+            for p, x in zip(prompts, prefixes, strict=False)
+        ]
 
     def mixed():
         return generate(base, requests([kv(t) for t in tables]))
@@ -131,7 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     def one_at_a_time():
         out = []
-        for p, t in zip(prompts, tables):
+        for p, t in zip(prompts, tables, strict=False):
             out += generate(base, [GenerationRequest(p, prefix=kv(t), max_tokens=N, temperature=0, ignore_eos=True)])
         return out
 
@@ -158,10 +164,15 @@ def main(argv: list[str] | None = None) -> dict:
         for i in range(args.pairs):  # mixed and shared back to back, alternating which goes first
             for name, fn in pair if i % 2 == 0 else pair[::-1]:
                 timed(name, fn)
-        log(f"round {r + 1}/{repeats}: " + ", ".join(f"{k} median {statistics.median(v):.3f}s" for k, v in times.items()))
+        log(
+            f"round {r + 1}/{repeats}: "
+            + ", ".join(f"{k} median {statistics.median(v):.3f}s" for k, v in times.items())
+        )
     median = {name: statistics.median(v) for name, v in times.items()}
     best = {name: min(v) for name, v in times.items()}
-    pair_ratios = [s / m for m, s in zip(times["mixed"], times["shared"])]  # same tokens: a time ratio is a speed ratio
+    pair_ratios = [
+        s / m for m, s in zip(times["mixed"], times["shared"], strict=False)
+    ]  # same tokens: a time ratio is a speed ratio
     params = sum(p.numel() for p in {id(p): p for p in base.model.parameters()}.values())
     result = {
         "bench": "mixed_prefix",
@@ -181,8 +192,12 @@ def main(argv: list[str] | None = None) -> dict:
         "tokens_per_s": {k: round(tokens[k] / v, 1) for k, v in median.items()},
         # the median of the mixed/shared pairs' ratios, and the ratio of medians (tokens/s)
         "mixed_vs_shared": round(statistics.median(pair_ratios), 3),
-        "mixed_vs_one_at_a_time": round((tokens["mixed"] / median["mixed"]) / (tokens["one_at_a_time"] / median["one_at_a_time"]), 2),
-        "mixed_vs_one_at_a_time_best": round((tokens["mixed"] / best["mixed"]) / (tokens["one_at_a_time"] / best["one_at_a_time"]), 2),
+        "mixed_vs_one_at_a_time": round(
+            (tokens["mixed"] / median["mixed"]) / (tokens["one_at_a_time"] / median["one_at_a_time"]), 2
+        ),
+        "mixed_vs_one_at_a_time_best": round(
+            (tokens["mixed"] / best["mixed"]) / (tokens["one_at_a_time"] / best["one_at_a_time"]), 2
+        ),
     }
     emit(result)
     return result

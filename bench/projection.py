@@ -47,8 +47,8 @@ def main(argv: list[str] | None = None) -> dict:
             diff = max(diff, float((vocab_logits(head, h) - F.linear(h, head.weight, head.bias)).abs().max()))
             model_s = engine_s = float("inf")
             for _ in range(3):  # interleaved, so drift hits both alike
-                model_s = min(model_s, best_time(lambda: F.linear(h, head.weight, head.bias), repeats // 3))
-                engine_s = min(engine_s, best_time(lambda: vocab_logits(head, h), repeats // 3))
+                model_s = min(model_s, best_time(lambda h=h: F.linear(h, head.weight, head.bias), repeats // 3))
+                engine_s = min(engine_s, best_time(lambda h=h: vocab_logits(head, h), repeats // 3))
             ms[str(n)] = {"model": round(model_s * 1e3, 4), "engine": round(engine_s * 1e3, 4)}
             ratio[str(n)] = round(model_s / engine_s, 2)
             log(f"{n} rows: model {model_s * 1e3:.3f} ms, engine {engine_s * 1e3:.3f} ms")

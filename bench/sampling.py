@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
     def batch(settings: dict) -> DecodeBatch:
         b = DecodeBatch(base)
         b.add([GenerationRequest(p, prefix=x, max_tokens=200, ignore_eos=True, seed=i, **settings)
-               for i, (p, x) in enumerate(zip(prompts, prefixes))])
+               for i, (p, x) in enumerate(zip(prompts, prefixes, strict=False))])
         for _ in range(3):
             b.step()
         return b
@@ -71,8 +71,8 @@ def main(argv: list[str] | None = None) -> dict:
     step_ms["greedy"] = best_time(greedy.step, repeats) * 1e3
     for name, settings in SETTINGS.items():
         reqs = [GenerationRequest([1], **settings)] * B
-        vec = best_time(lambda: sample_tokens(logits, reqs, draw_uniforms(gens)), repeats)
-        row = best_time(lambda: [per_row_sample(logits[i], reqs[i], gens[i]) for i in range(B)], repeats)
+        vec = best_time(lambda reqs=reqs: sample_tokens(logits, reqs, draw_uniforms(gens)), repeats)
+        row = best_time(lambda reqs=reqs: [per_row_sample(logits[i], reqs[i], gens[i]) for i in range(B)], repeats)
         sampling_ms[name] = {"vectorised": round(vec * 1e3, 3), "per_row": round(row * 1e3, 3)}
         ratio[name] = round(row / vec, 2)
         step_ms[name] = best_time(batch(settings).step, repeats) * 1e3

@@ -64,12 +64,13 @@ def main(argv: list[str] | None = None) -> dict:
             if kind == "one_token":
                 labels = [x[:1] for x in labels]
             case = f"prompt{plen}_{kind}"
-            shared = best_time(lambda: score(base, prompt, labels, prefix), repeats)
-            each = best_time(lambda: per_candidate_score(base, prompt, labels, prefix), repeats)
+            shared = best_time(lambda prompt=prompt, labels=labels: score(base, prompt, labels, prefix), repeats)
+            each = best_time(lambda prompt=prompt, labels=labels: per_candidate_score(base, prompt, labels, prefix),
+                             repeats)
             ratios[case] = round(each / shared, 2)
             ms[case] = {"shared_prompt": round(shared * 1e3, 2), "per_candidate": round(each * 1e3, 2)}
             a, b = score(base, prompt, labels, prefix), per_candidate_score(base, prompt, labels, prefix)
-            diffs[case] = max(abs(x - y) for x, y in zip(a, b))
+            diffs[case] = max(abs(x - y) for x, y in zip(a, b, strict=False))
             log(f"{case} (label tokens {[len(x) for x in labels]}): {shared * 1e3:.2f} ms against {each * 1e3:.2f} ms")
     result = {
         "bench": "scoring",

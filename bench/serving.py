@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
 
     tokens_conc = sum(o["usage"]["completion_tokens"] for o in out_conc)
     tokens_seq = sum(o["usage"]["completion_tokens"] for o in out_seq)
-    same = [a["choices"][0]["text"] == b["choices"][0]["text"] for a, b in zip(out_conc, out_seq)]
+    same = [a["choices"][0]["text"] == b["choices"][0]["text"] for a, b in zip(out_conc, out_seq, strict=False)]
     emit({
         "benchmark": "serving",
         "quick": args.quick,

@@ -4,6 +4,7 @@ and loaded back through the real `from_pretrained` path. Built once per test ses
 from __future__ import annotations
 
 import random
+import socket
 
 import pytest
 import torch
@@ -103,3 +104,21 @@ def small_default_corpus(monkeypatch):
     texts = small_default_corpus_texts()
     monkeypatch.setattr(app.ml.pretrain, "default_corpus", lambda: list(texts))
     return texts
+
+
+# a real S3 API (moto's server over HTTP) for the blob store and recovery tests
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def moto_endpoint():
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()

@@ -12,15 +12,23 @@ import logging
 from fastapi import APIRouter, Query, Request
 from sqlalchemy import delete, func, select
 
-from app import quotas, stop_broadcast
 from app.api.deps import AdminDep, BlobsDep, SessionDep, hash_key, new_api_key
 from app.api.errors import bad_request, not_found
-from app.store.ids import ID_PATTERN, is_valid_id
 from app.api.schemas import (
-    ApiKeyCreated, ApiKeyDeleted, ApiKeyList, ApiKeyPublic, TenantCreate, TenantCreated, TenantDeleted,
-    TenantList, TenantPublic, TenantUpdate,
+    ApiKeyCreated,
+    ApiKeyDeleted,
+    ApiKeyList,
+    ApiKeyPublic,
+    TenantCreate,
+    TenantCreated,
+    TenantDeleted,
+    TenantList,
+    TenantPublic,
+    TenantUpdate,
 )
-from app.store.models import ApiKey, File, Job, JobCheckpoint, JobEvent, ModelRecord, Tenant, now
+from app.store.ids import ID_PATTERN, is_valid_id
+from app.store.tables import ApiKey, File, Job, JobCheckpoint, JobEvent, ModelRecord, Tenant, now
+from app.tenancy import quotas, stop_broadcast
 
 log = logging.getLogger("prefixd.admin")
 router = APIRouter(prefix="/v1/admin", tags=["admin"])
@@ -48,7 +56,7 @@ def _public(t: Tenant, usage: dict | None = None, limits: dict | None = None) ->
 def _with_usage(request: Request, session, t: Tenant) -> TenantPublic:
     """The tenant with `usage` against each quota and `limits` (effective: override or default; 0 =
     unlimited). Request and token rates are the last 60 s: of every replica when the windows are in
-    Redis, else of this API process (see app/quotas.py)."""
+    Redis, else of this API process (see app/tenancy/quotas.py)."""
     usage = tenant_usage(session, t.id)
     try:
         usage.update(quotas.limiter(request.app).usage(t.id))
@@ -96,7 +104,9 @@ def get_tenant(tenant_id: str, request: Request, _: AdminDep, session: SessionDe
 
 
 @router.patch("/tenants/{tenant_id}", response_model=TenantPublic)
-def update_tenant(tenant_id: str, body: TenantUpdate, request: Request, _: AdminDep, session: SessionDep) -> TenantPublic:
+def update_tenant(
+    tenant_id: str, body: TenantUpdate, request: Request, _: AdminDep, session: SessionDep
+) -> TenantPublic:
     """Rename, suspend/unsuspend, or set quota overrides (a null value removes an override)."""
     t = _get_tenant(session, tenant_id)
     if body.name is not None:
@@ -104,8 +114,9 @@ def update_tenant(tenant_id: str, body: TenantUpdate, request: Request, _: Admin
     if body.suspended is not None:
         t.suspended = body.suspended
         if body.suspended:  # running jobs stop at their next step
-            for job in session.scalars(select(Job).where(Job.tenant_id == t.id,
-                                                         Job.status.in_(("validating_files", "queued", "running")))):
+            for job in session.scalars(
+                select(Job).where(Job.tenant_id == t.id, Job.status.in_(("validating_files", "queued", "running")))
+            ):
                 job.cancel_requested = True
     if body.quotas is not None:
         quotas = dict(t.quotas or {})
@@ -178,13 +189,17 @@ def list_keys(tenant_id: str, _: AdminDep, session: SessionDep) -> ApiKeyList:
 @router.delete("/tenants/{tenant_id}/keys/{key_id}", response_model=ApiKeyDeleted)
 def revoke_key(tenant_id: str, key_id: str, request: Request, _: AdminDep, session: SessionDep) -> ApiKeyDeleted:
     t = _get_tenant(session, tenant_id)
-    row = session.scalar(select(ApiKey).where(ApiKey.id == key_id, ApiKey.tenant_id == t.id)) if is_valid_id(key_id) else None
+    row = (
+        session.scalar(select(ApiKey).where(ApiKey.id == key_id, ApiKey.tenant_id == t.id))
+        if is_valid_id(key_id)
+        else None
+    )
     if row is None:
         raise not_found("key", key_id, param="key_id")
     if row.revoked_at is None:
         row.revoked_at = now()
     session.commit()
-    # requests made with it stop at once, on every replica (app/stop_broadcast.py): those queued or
+    # requests made with it stop at once, on every replica (app/tenancy/stop_broadcast.py): those queued or
     # running now, and (through recently_stopped) those authenticated before the commit that reach
     # the engine after this call
     stop_broadcast.key_revoked(request.app, row.key_hash)

@@ -1,7 +1,7 @@
 """Admin: which bases exist and which one this API process serves.
 
 `POST /v1/admin/bases {"path", "id"?}` registers a service base from a server-side HF directory or
-`.gguf` file (converted once into a float directory; see app/bases.py `register_source`). Only the
+`.gguf` file (converted once into a float directory; see app/store/base_registry.py `register_source`). Only the
 admin names paths; tenants then see the base in `GET /v1/models` and can train prefixes on it. Bad
 input is a 400 naming the path and the reason, an id holding other weights a 409; either way,
 nothing is registered and the served base stays as it was. Registering never switches serving.
@@ -27,7 +27,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from app.api.deps import AdminDep, BlobsDep, SessionDep, SettingsDep
 from app.api.errors import APIError
 from app.api.models import ModelObject, _served_of, get_engine, model_public
-from app.store.models import ModelRecord
+from app.store.base_registry import BaseIdTaken, BaseSourceError, materialize_base, register_source
+from app.store.tables import ModelRecord
 
 router = APIRouter(tags=["admin"])
 
@@ -69,7 +70,6 @@ def serving_status(request: Request, _admin: AdminDep) -> ServingStatus:
 @router.post("/v1/admin/serving", response_model=ServingStatus)
 async def switch_serving(body: ServingSwitch, request: Request, _admin: AdminDep, session: SessionDep,
                          blobs: BlobsDep, settings: SettingsDep) -> ServingStatus:
-    from app.bases import materialize_base
 
     engine = get_engine(request)
     record = await run_in_threadpool(session.get, ModelRecord, body.model)
@@ -96,13 +96,23 @@ async def switch_serving(body: ServingSwitch, request: Request, _admin: AdminDep
     return _status(engine)
 
 
-@router.post("/v1/admin/bases", response_model=ModelObject, status_code=201,
-             responses={200: {"model": ModelObject, "description": "These weights are already registered under this id"}})
-async def register_base_from_path(body: BaseRegistration, request: Request, response: Response, _admin: AdminDep,
-                                  session: SessionDep, blobs: BlobsDep, settings: SettingsDep) -> ModelObject:
+@router.post(
+    "/v1/admin/bases",
+    response_model=ModelObject,
+    status_code=201,
+    responses={200: {"model": ModelObject, "description": "These weights are already registered under this id"}},
+)
+async def register_base_from_path(
+    body: BaseRegistration,
+    request: Request,
+    response: Response,
+    _admin: AdminDep,
+    session: SessionDep,
+    blobs: BlobsDep,
+    settings: SettingsDep,
+) -> ModelObject:
     """201 with the new base; 200 when these weights are already registered under this id. A GGUF
-    converts in the request (SmolLM2-135M: about 30 s on 2 cores), once."""
-    from app.bases import BaseIdTaken, BaseSourceError, register_source
+    converts in the request, once (its time: docs/BASES.md)."""
 
     try:
         record, created = await run_in_threadpool(register_source, settings, session, blobs, body.path, body.id)

@@ -1,62 +1,7 @@
-"""Inference: `POST /v1/completions`, `POST /v1/chat/completions` and our `POST /v1/classify`.
+"""/v1/completions, /v1/chat/completions and /v1/classify: OpenAI's shapes over the serving engine.
 
-`model` is the served base's id or one of the tenant's adapters; every request goes through the
-serving engine's fair scheduler and is batched with other tenants' requests and other adapters.
-
-Parameters we implement: `model`, `prompt` (string, list of strings, token ids, or lists of token
-ids; required) / `messages`, `max_tokens` (chat: also `max_completion_tokens`), `temperature`
-(0 = greedy), `top_p`, `n`, `stop` (string or list of up to MAX_STOP_STRINGS), `seed` (choice i
-uses seed + i, so choices differ but are reproducible), `presence_penalty` and
-`frequency_penalty` (-2..2) and `logit_bias` (token-id strings -> -100..100), by OpenAI's
-definitions over each choice's own generated tokens (`app.ml.generate.GenerationRequest`; they
-change what is chosen, and greedy choices take the argmax of the changed logits, while `logprobs`
-report the model's raw distribution), `stream` with
-`stream_options.include_usage`, `logprobs` (completions: an int 0..5, the legacy
-`{tokens, token_logprobs, top_logprobs, text_offset}` object; chat: `logprobs` + `top_logprobs`).
-With `stream`, each chunk carries the logprobs of the tokens whose text it carries (`_stream`).
-`echo` (completions, n = 1, not with `stream`) puts the prompt before the completion, and with
-`logprobs` covers the prompt's tokens first (the first one's logprob and top_logprobs are null),
-then the generated ones; `max_tokens: 0` returns the prompt alone, as lm-evaluation-harness's
-`local-completions` needs for loglikelihoods.
-
-Other OpenAI parameters, decided one by one:
-- accepted and ignored (no effect on the output): `user`, `metadata`, `store`, `service_tier`,
-  `parallel_tool_calls`, `modalities`, `prediction`, `reasoning_effort`, `web_search_options`,
-  `prompt_cache_key`, `prompt_cache_retention`, `prompt_cache_options`, `safety_identifier`,
-  `verbosity`;
-- accepted when they ask for the default, 400 naming the parameter otherwise:
-  `best_of` (1 or equal to n), `suffix` (null or ""), `tools`/`functions` ([] or null),
-  `tool_choice`/`function_call` ("none" or null), `response_format` ({"type": "text"}),
-  `audio` and `moderation` (null);
-- anything else is a 400 naming it ("Unrecognized request argument").
-
-Limits (settings): MAX_PROMPT_TOKENS, MAX_COMPLETION_TOKENS (`max_tokens` above it is a 400,
-never clamped), MAX_N, MAX_STOP_STRINGS, MAX_STOP_STRING_CHARS, MAX_CLASSIFY_LABELS; prompts x n
-at most max(MAX_N, MAX_BATCH_SIZE). Sizes are checked before anything is tokenized, so a body costs about
-what parsing it cost: prompts x n from the body's shape; a token-id prompt's length against the
-prompt limit (MAX_PROMPT_TOKENS, or the base's positions if fewer); a text (prompt, chat messages
-with their roles, classify input and labels) against that limit x the tokenizer's longest token
-in characters (`max_token_chars`: no token covers more characters than its own string, so a
-longer text cannot fit); at most that many chat messages. A prompt refused for its size or
-context is charged to tokens_per_minute before its 400 (capped at the tenant's limit): its token
-count when it was tokenized, else one token per character or token id, at least one per prompt;
-if the window has no room for that charge the answer is the quota's 429. Chat `content` is a
-string, null, or a list of text parts (concatenated); any other part (`image_url`, ...) is a 400
-naming it (`messages[i].content[j]`). Quotas
-(`app/quotas.py`): every request counts against the tenant's requests_per_minute, and its prompt
-tokens + max_tokens x choices against tokens_per_minute (429 with Retry-After when over; shared by
-every replica through Redis in distributed mode, 503 `rate_limiter_unavailable` when Redis cannot be
-reached). A request whose key is revoked, or whose tenant is suspended, while it waits or runs
-fails with 403 `request_cancelled` (a streamed one with that error event). The context check counts the adapter's prefix: prompt +
-num_virtual_tokens + max_tokens must fit the base's positions, or the answer is a 400 with the
-numbers. A chat request without `max_tokens` gets what is left of the context (at most
-MAX_COMPLETION_TOKENS).
-
-Chat prompts use the tokenizer's chat template, or the fallback of `app.ml.data.format_chat`:
-one `"{role}: {content}\\n"` line per message followed by `"assistant: "`.
-
-When the queue is full the answer is 429 with `Retry-After`. A client that disconnects frees its
-rows at the next decoding step.
+The rules each request goes through (parameters, limits before tokenizing, quotas, revocation, the
+context check, streaming) are in docs/design/COMPLETIONS.md.
 """
 
 from __future__ import annotations
@@ -75,13 +20,21 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.api.deps import SessionDep, SettingsDep, TenantDep, bearer_token, hash_key
-from app.stop_broadcast import recently_stopped
 from app.api.errors import APIError, envelope
 from app.api.models import Resolved, get_engine, resolve_model
-from app.ml.generate import MIN_TOP_P, GenerationFailedError
-from app.quotas import charge_tokens_async, check_request_rate_async
+from app.ml.data import encode_prompt, format_chat
+from app.ml.generate import MIN_TOP_P, GenerationFailedError, GenerationRequest, prompt_logprobs
+from app.ml.generate import classify as ml_classify
 from app.serving.engine import BaseChangedError, EngineNotReadyError, RequestCancelledError
 from app.serving.scheduler import QueueFullError, SchedulerClosedError
+from app.tenancy.quotas import (
+    QuotaExceeded,
+    RateLimiterUnavailable,
+    charge_tokens_async,
+    check_request_rate_async,
+    limit_of,
+)
+from app.tenancy.stop_broadcast import recently_stopped
 
 router = APIRouter(tags=["inference"])
 
@@ -90,17 +43,40 @@ def _queue_full(e: QueueFullError) -> APIError:
     """429 for a full queue: the whole server's, or this tenant's share of it (one tenant may not
     fill the queue for everyone); the message says which."""
     if e.tenant:
-        msg = (f"Your requests fill your share of the server's queue ({e.queued} queued, limit {e.limit} per "
-               f"tenant); retry after {e.retry_after_s} s")
+        msg = (
+            f"Your requests fill your share of the server's queue ({e.queued} queued, limit {e.limit} per "
+            f"tenant); retry after {e.retry_after_s} s"
+        )
     else:
-        msg = f"The server is at capacity ({e.queued} requests queued, limit {e.limit}); retry after {e.retry_after_s} s"
-    return APIError(429, msg, type="rate_limit_error", code="tenant_queue_full" if e.tenant else "server_busy",
-                    headers={"Retry-After": str(e.retry_after_s)})
+        msg = (
+            f"The server is at capacity ({e.queued} requests queued, limit {e.limit}); retry after {e.retry_after_s} s"
+        )
+    return APIError(
+        429,
+        msg,
+        type="rate_limit_error",
+        code="tenant_queue_full" if e.tenant else "server_busy",
+        headers={"Retry-After": str(e.retry_after_s)},
+    )
 
-IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "modalities", "prediction",
-           "reasoning_effort", "web_search_options",
-           # what the official client sends for caching and abuse tracking: no effect on our output
-           "prompt_cache_key", "prompt_cache_retention", "prompt_cache_options", "safety_identifier", "verbosity"}
+
+IGNORED = {
+    "user",
+    "metadata",
+    "store",
+    "service_tier",
+    "parallel_tool_calls",
+    "modalities",
+    "prediction",
+    "reasoning_effort",
+    "web_search_options",
+    # what the official client sends for caching and abuse tracking: no effect on our output
+    "prompt_cache_key",
+    "prompt_cache_retention",
+    "prompt_cache_options",
+    "safety_identifier",
+    "verbosity",
+}
 DEFAULT_ONLY: dict[str, Any] = {
     "suffix": lambda v: v in (None, ""),
     "tools": lambda v: not v,
@@ -243,25 +219,33 @@ def check_params(body: _Common, settings, *, chat: bool) -> None:
         if name in DEFAULT_ONLY:
             if DEFAULT_ONLY[name](value):
                 continue
-            raise APIError(400, f"'{name}' is not supported by this server (only its default is accepted)",
-                           param=name, code="unsupported_parameter")
+            raise APIError(
+                400,
+                f"'{name}' is not supported by this server (only its default is accepted)",
+                param=name,
+                code="unsupported_parameter",
+            )
         if chat and name in ("echo", "suffix"):
             raise APIError(400, f"Unrecognized request argument supplied: {name}", param=name)
-        raise APIError(400, f"Unrecognized request argument supplied: {name}", param=name,
-                       code="unknown_parameter")
+        raise APIError(400, f"Unrecognized request argument supplied: {name}", param=name, code="unknown_parameter")
     n = body.n or 1
     if n > settings.max_n:
         raise APIError(400, f"n must be at most {settings.max_n} (MAX_N), got {n}", param="n")
     if body.best_of not in (None, 1, n):
-        raise APIError(400, "best_of is not supported (only best_of = n)", param="best_of",
-                       code="unsupported_parameter")
+        raise APIError(
+            400, "best_of is not supported (only best_of = n)", param="best_of", code="unsupported_parameter"
+        )
     stops = stop_list(body.stop)
     if len(stops) > settings.max_stop_strings:
-        raise APIError(400, f"At most {settings.max_stop_strings} stop strings (MAX_STOP_STRINGS), got {len(stops)}",
-                       param="stop")
+        raise APIError(
+            400, f"At most {settings.max_stop_strings} stop strings (MAX_STOP_STRINGS), got {len(stops)}", param="stop"
+        )
     if any(len(s) > settings.max_stop_string_chars for s in stops):
-        raise APIError(400, f"A stop string may have at most {settings.max_stop_string_chars} characters "
-                            "(MAX_STOP_STRING_CHARS)", param="stop")
+        raise APIError(
+            400,
+            f"A stop string may have at most {settings.max_stop_string_chars} characters (MAX_STOP_STRING_CHARS)",
+            param="stop",
+        )
     if body.stream_options is not None and not body.stream:
         raise APIError(400, "stream_options is only allowed with stream=true", param="stream_options")
     check_logit_bias(body.logit_bias)
@@ -279,11 +263,17 @@ def check_logit_bias(bias: dict[str, float] | None, vocab: int | None = None) ->
         except (TypeError, ValueError):
             raise APIError(400, f"logit_bias keys must be token ids, got {key!r}", param="logit_bias") from None
         if tok < 0 or (vocab is not None and tok >= vocab):
-            raise APIError(400, f"logit_bias has token id {tok}, outside the vocabulary [0, {vocab})" if vocab
-                           else f"logit_bias has token id {tok}: token ids are not negative", param="logit_bias")
+            raise APIError(
+                400,
+                f"logit_bias has token id {tok}, outside the vocabulary [0, {vocab})"
+                if vocab
+                else f"logit_bias has token id {tok}: token ids are not negative",
+                param="logit_bias",
+            )
         if not -100 <= value <= 100:
-            raise APIError(400, f"logit_bias values must be between -100 and 100, got {value} for token {tok}",
-                           param="logit_bias")
+            raise APIError(
+                400, f"logit_bias values must be between -100 and 100, got {value} for token {tok}", param="logit_bias"
+            )
         out[tok] = float(value)
     return out
 
@@ -298,23 +288,35 @@ def stop_list(stop) -> list[str]:
 
 def check_max_tokens(max_tokens: int, settings, param: str = "max_tokens") -> None:
     if max_tokens > settings.max_completion_tokens:
-        raise APIError(400, f"{param} is {max_tokens}, over the limit of {settings.max_completion_tokens} "
-                            "(MAX_COMPLETION_TOKENS)", param=param)
+        raise APIError(
+            400,
+            f"{param} is {max_tokens}, over the limit of {settings.max_completion_tokens} (MAX_COMPLETION_TOKENS)",
+            param=param,
+        )
 
 
-def check_context(served, prompt_tokens: int, prefix_tokens: int, max_tokens: int, settings, *,
-                  param: str = "prompt") -> None:
+def check_context(
+    served, prompt_tokens: int, prefix_tokens: int, max_tokens: int, settings, *, param: str = "prompt"
+) -> None:
     if prompt_tokens > settings.max_prompt_tokens:
-        raise APIError(400, f"The prompt has {prompt_tokens} tokens, over the limit of {settings.max_prompt_tokens} "
-                            "(MAX_PROMPT_TOKENS)", param=param, code="context_length_exceeded")
+        raise APIError(
+            400,
+            f"The prompt has {prompt_tokens} tokens, over the limit of {settings.max_prompt_tokens} "
+            "(MAX_PROMPT_TOKENS)",
+            param=param,
+            code="context_length_exceeded",
+        )
     limit = int(served.base.geometry.max_positions)
     total = prompt_tokens + prefix_tokens + max_tokens
     if total > limit:
         raise APIError(
-            400, f"This model's maximum context length is {limit} tokens, and the adapter's prefix takes "
-                 f"{prefix_tokens} of them. You requested {total} tokens ({prompt_tokens} in the prompt, "
-                 f"{prefix_tokens} in the prefix, {max_tokens} for the completion). Reduce the prompt or max_tokens.",
-            param=param, code="context_length_exceeded")
+            400,
+            f"This model's maximum context length is {limit} tokens, and the adapter's prefix takes "
+            f"{prefix_tokens} of them. You requested {total} tokens ({prompt_tokens} in the prompt, "
+            f"{prefix_tokens} in the prefix, {max_tokens} for the completion). Reduce the prompt or max_tokens.",
+            param=param,
+            code="context_length_exceeded",
+        )
 
 
 class RefusedPrompt(APIError):
@@ -392,7 +394,11 @@ def check_text_length(text: str, token_limit: int, chars_per_token: int, *, para
         raise RefusedPrompt(
             f"The {param} has {len(text)} characters, more than {token_limit} tokens (MAX_PROMPT_TOKENS or the "
             f"model's context) can hold with this tokenizer (at most {chars_per_token} characters per token): "
-            f"at most {limit} characters", charge=len(text), param=param, code="context_length_exceeded")
+            f"at most {limit} characters",
+            charge=len(text),
+            param=param,
+            code="context_length_exceeded",
+        )
 
 
 def message_text(content, index: int) -> str:
@@ -408,9 +414,12 @@ def message_text(content, index: int) -> str:
     for j, part in enumerate(content):
         kind = part.get("type")
         if kind != "text":
-            raise APIError(400, f"Content parts of type {kind!r} are not supported: only text parts "
-                                f"({{\"type\": \"text\", \"text\": ...}})", param=f"messages[{index}].content[{j}]",
-                           code="unsupported_content_part")
+            raise APIError(
+                400,
+                f'Content parts of type {kind!r} are not supported: only text parts ({{"type": "text", "text": ...}})',
+                param=f"messages[{index}].content[{j}]",
+                code="unsupported_content_part",
+            )
         text = part.get("text")
         if not isinstance(text, str):
             raise APIError(400, "A text part needs 'text', a string", param=f"messages[{index}].content[{j}].text")
@@ -423,7 +432,6 @@ async def _charge_refused(request: Request, tenant, settings, err: APIError) -> 
     that an oversized body spends the minute rather than nothing) before its 4xx goes out. When the
     window has no room for it the answer is the quota's 429, which also names the refusal. A rate
     limiter that cannot be reached leaves the 400: nothing is served, so nothing goes unmetered."""
-    from app.quotas import QuotaExceeded, RateLimiterUnavailable, limit_of
 
     charge = getattr(err, "charge", 0)
     if not charge:
@@ -439,7 +447,6 @@ async def _charge_refused(request: Request, tenant, settings, err: APIError) -> 
 
 
 def _prompt_ids(tokenizer, text: str) -> list[int]:
-    from app.ml.data import encode_prompt
 
     ids = encode_prompt(tokenizer, text)
     if not ids:  # an empty prompt starts a new document, as OpenAI's does
@@ -466,8 +473,12 @@ def _completion_prompts(body: CompletionCreate, tokenizer, token_limit: int) -> 
     lists = [p] if isinstance(p[0], int) else p
     for ids in lists:
         if len(ids) > token_limit:
-            raise RefusedPrompt(f"The prompt has {len(ids)} tokens, over the limit of {token_limit} (MAX_PROMPT_TOKENS "
-                                "or the model's context)", charge=len(ids), code="context_length_exceeded")
+            raise RefusedPrompt(
+                f"The prompt has {len(ids)} tokens, over the limit of {token_limit} (MAX_PROMPT_TOKENS "
+                "or the model's context)",
+                charge=len(ids),
+                code="context_length_exceeded",
+            )
     out = []
     for ids in lists:
         if not ids:
@@ -504,8 +515,9 @@ def stop_if_revoked(engine, request: Request, tenant_id: str) -> bool:
 
 def _submit(engine, request: Request, tenant_id: str, requests: list, fingerprint: str, stream: bool):
     try:
-        handle = engine.submit_generation(tenant_id, requests, fingerprint=fingerprint, stream=stream,
-                                          key=credential(request))
+        handle = engine.submit_generation(
+            tenant_id, requests, fingerprint=fingerprint, stream=stream, key=credential(request)
+        )
         stop_if_revoked(engine, request, tenant_id)
         return handle
     except QueueFullError as e:
@@ -525,8 +537,9 @@ def _engine_error(exc: BaseException) -> APIError:
         return APIError(400, str(exc))
     if isinstance(exc, GenerationFailedError):  # this row alone went bad; the batch went on
         return APIError(500, f"Generation failed: {exc}", type="server_error", code="generation_failed")
-    return APIError(500, f"Generation failed: {type(exc).__name__}: {exc}", type="server_error",
-                    code="generation_failed")
+    return APIError(
+        500, f"Generation failed: {type(exc).__name__}: {exc}", type="server_error", code="generation_failed"
+    )
 
 
 async def _await_results(request: Request, handle) -> list:
@@ -584,18 +597,22 @@ def _chat_logprobs(items, top: int | None) -> dict | None:
     def entry(token: str, lp: float) -> dict:
         return {"token": token, "logprob": lp, "bytes": list(token.encode("utf-8", "replace"))}
 
-    return {"content": [
-        {**entry(t.token, t.logprob), "top_logprobs": [entry(tok, lp) for _, tok, lp in t.top[: top or 0]]}
-        for t in items
-    ], "refusal": None}
+    return {
+        "content": [
+            {**entry(t.token, t.logprob), "top_logprobs": [entry(tok, lp) for _, tok, lp in t.top[: top or 0]]}
+            for t in items
+        ],
+        "refusal": None,
+    }
 
 
 def _sse(obj: dict) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
 
-async def _stream(request: Request, handle, make_chunk, usage_chunk, include_usage: bool,
-                  prompt_lens: list[int], start_chunk=None) -> AsyncIterator[str]:
+async def _stream(
+    request: Request, handle, make_chunk, usage_chunk, include_usage: bool, prompt_lens: list[int], start_chunk=None
+) -> AsyncIterator[str]:
     """SSE: `start_chunk(index)` first for each choice when given (chat's role chunk), one chunk per
     text delta, each choice's last chunk with its finish_reason, then the usage chunk (with
     stream_options.include_usage) and `data: [DONE]`.
@@ -637,9 +654,14 @@ async def _stream(request: Request, handle, make_chunk, usage_chunk, include_usa
             handle.cancel()
 
 
-def _gen_requests(prompts: list[list[int]], resolved: Resolved, body, max_tokens: int, logprobs: int | None,
-                  logit_bias: dict[int, float] | None = None):
-    from app.ml.generate import GenerationRequest
+def _gen_requests(
+    prompts: list[list[int]],
+    resolved: Resolved,
+    body,
+    max_tokens: int,
+    logprobs: int | None,
+    logit_bias: dict[int, float] | None = None,
+):
 
     n = body.n or 1
     stops = stop_list(body.stop)
@@ -648,12 +670,21 @@ def _gen_requests(prompts: list[list[int]], resolved: Resolved, body, max_tokens
     out = []
     for ids in prompts:
         for j in range(n):
-            out.append(GenerationRequest(
-                prompt_ids=ids, prefix=resolved.prefix, max_tokens=max_tokens, temperature=temperature,
-                top_p=top_p, stop=stops, seed=None if body.seed is None else body.seed + j, logprobs=logprobs,
-                presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
-                logit_bias=logit_bias,
-            ))
+            out.append(
+                GenerationRequest(
+                    prompt_ids=ids,
+                    prefix=resolved.prefix,
+                    max_tokens=max_tokens,
+                    temperature=temperature,
+                    top_p=top_p,
+                    stop=stops,
+                    seed=None if body.seed is None else body.seed + j,
+                    logprobs=logprobs,
+                    presence_penalty=body.presence_penalty or 0.0,
+                    frequency_penalty=body.frequency_penalty or 0.0,
+                    logit_bias=logit_bias,
+                )
+            )
     return out
 
 
@@ -674,9 +705,10 @@ def _new_id(prefix: str) -> str:
 
 
 @router.post("/v1/completions", response_model=Completion, responses=SSE_DOC)
-async def create_completion(body: CompletionCreate, request: Request, tenant: TenantDep, session: SessionDep,
-                            settings: SettingsDep):
-    await check_request_rate_async(request, tenant)  # 429 over requests_per_minute (app/quotas.py)
+async def create_completion(
+    body: CompletionCreate, request: Request, tenant: TenantDep, session: SessionDep, settings: SettingsDep
+):
+    await check_request_rate_async(request, tenant)  # 429 over requests_per_minute (app/tenancy/quotas.py)
     check_params(body, settings, chat=False)
     max_tokens = 16 if body.max_tokens is None else body.max_tokens
     check_max_tokens(max_tokens, settings)
@@ -729,19 +761,33 @@ async def create_completion(body: CompletionCreate, request: Request, tenant: Te
             if body.logprobs is not None and lps:
                 lp = _legacy_logprobs(lps, offsets.get(index, 0))
                 offsets[index] = offsets.get(index, 0) + sum(len(t.token) for t in lps)
-            out = {"id": cid, "object": "text_completion", "created": created, "model": model,
-                   "system_fingerprint": fingerprint,
-                   "choices": [{"text": text, "index": index, "logprobs": lp, "finish_reason": finish}]}
+            out = {
+                "id": cid,
+                "object": "text_completion",
+                "created": created,
+                "model": model,
+                "system_fingerprint": fingerprint,
+                "choices": [{"text": text, "index": index, "logprobs": lp, "finish_reason": finish}],
+            }
             if include_usage:
                 out["usage"] = None
             return out
 
         def usage_chunk(usage):
-            return {"id": cid, "object": "text_completion", "created": created, "model": model, "choices": [],
-                    "usage": usage}
+            return {
+                "id": cid,
+                "object": "text_completion",
+                "created": created,
+                "model": model,
+                "choices": [],
+                "usage": usage,
+            }
 
-        return StreamingResponse(_stream(request, handle, chunk, usage_chunk, include_usage, prompt_lens),
-                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return StreamingResponse(
+            _stream(request, handle, chunk, usage_chunk, include_usage, prompt_lens),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache"},
+        )
 
     results = await _await_results(request, handle)
     echoed = await _echoes(engine, request, tenant.id, resolved, body, prompts) if body.echo else None
@@ -749,30 +795,44 @@ async def create_completion(body: CompletionCreate, request: Request, tenant: Te
     for i, r in enumerate(results):
         head, head_lps = echoed[i] if echoed else ("", [])
         lps = _legacy_logprobs(head_lps + r.logprobs) if body.logprobs is not None else None
-        choices.append(CompletionChoice(text=head + r.text, index=i, finish_reason=_finish(r.finish_reason),
-                                        logprobs=lps))
-    return Completion(id=cid, created=created, model=model, choices=choices, usage=_usage(results, prompt_lens, n),
-                      system_fingerprint=resolved.served.fingerprint or None)
+        choices.append(
+            CompletionChoice(text=head + r.text, index=i, finish_reason=_finish(r.finish_reason), logprobs=lps)
+        )
+    return Completion(
+        id=cid,
+        created=created,
+        model=model,
+        choices=choices,
+        usage=_usage(results, prompt_lens, n),
+        system_fingerprint=resolved.served.fingerprint or None,
+    )
 
 
-async def _echoes(engine, request: Request, tenant_id: str, resolved: Resolved, body: CompletionCreate,
-                  prompts: list[list[int]]) -> list[tuple[str, list]]:
+async def _echoes(
+    engine, request: Request, tenant_id: str, resolved: Resolved, body: CompletionCreate, prompts: list[list[int]]
+) -> list[tuple[str, list]]:
     """`echo`: each prompt's text (as sent, or decoded from its token ids) and, with `logprobs`,
     its tokens' log-probabilities, computed on the scheduler thread in fair turn with generation."""
-    from app.ml.generate import prompt_logprobs
 
     texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt if isinstance(body.prompt[0], str) else None
     tokenizer = resolved.served.base.tokenizer
     out = []
     for i, ids in enumerate(prompts):
-        text = texts[i] if texts is not None else tokenizer.decode(ids, skip_special_tokens=False,
-                                                                   clean_up_tokenization_spaces=False)
+        text = (
+            texts[i]
+            if texts is not None
+            else tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        )
         lps: list = []
         if body.logprobs is not None:
             prefix, top = resolved.prefix, body.logprobs
             try:
-                lps = await engine.run_call(tenant_id, lambda base, ids=ids: prompt_logprobs(base, ids, prefix, top),
-                                            fingerprint=resolved.served.fingerprint, key=credential(request))
+                lps = await engine.run_call(
+                    tenant_id,
+                    lambda base, ids=ids, prefix=prefix, top=top: prompt_logprobs(base, ids, prefix, top),
+                    fingerprint=resolved.served.fingerprint,
+                    key=credential(request),
+                )
             except QueueFullError as e:
                 raise _queue_full(e) from None
             except Exception as exc:  # noqa: BLE001 - mapped like a generation's errors
@@ -782,18 +842,24 @@ async def _echoes(engine, request: Request, tenant_id: str, resolved: Resolved, 
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletion, responses=SSE_DOC)
-async def create_chat_completion(body: ChatCompletionCreate, request: Request, tenant: TenantDep,
-                                 session: SessionDep, settings: SettingsDep):
+async def create_chat_completion(
+    body: ChatCompletionCreate, request: Request, tenant: TenantDep, session: SessionDep, settings: SettingsDep
+):
     await check_request_rate_async(request, tenant)
     check_params(body, settings, chat=True)
-    if body.max_tokens is not None and body.max_completion_tokens is not None \
-            and body.max_tokens != body.max_completion_tokens:
-        raise APIError(400, "Give max_tokens or max_completion_tokens, not two different values",
-                       param="max_completion_tokens")
+    if (
+        body.max_tokens is not None
+        and body.max_completion_tokens is not None
+        and body.max_tokens != body.max_completion_tokens
+    ):
+        raise APIError(
+            400, "Give max_tokens or max_completion_tokens, not two different values", param="max_completion_tokens"
+        )
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     if requested is not None:
-        check_max_tokens(requested, settings,
-                         "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens")
+        check_max_tokens(
+            requested, settings, "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+        )
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
     messages = [{"role": m.role, "content": message_text(m.content, i)} for i, m in enumerate(body.messages)]
@@ -802,21 +868,28 @@ async def create_chat_completion(body: ChatCompletionCreate, request: Request, t
     engine = get_engine(request)
 
     def prepare():
-        from app.ml.data import format_chat
 
         resolved = resolve_model(session, engine, tenant.id, body.model)
         tokenizer = resolved.served.base.tokenizer
         bias = check_logit_bias(body.logit_bias, len(tokenizer))
         token_limit = prompt_token_limit(resolved.served, settings)
         if len(messages) > token_limit:  # each renders at least its role: one token or more
-            raise RefusedPrompt(f"At most {token_limit} messages (MAX_PROMPT_TOKENS or the model's context), got "
-                                f"{len(messages)}", charge=chars, param="messages", code="context_length_exceeded")
+            raise RefusedPrompt(
+                f"At most {token_limit} messages (MAX_PROMPT_TOKENS or the model's context), got {len(messages)}",
+                charge=chars,
+                param="messages",
+                code="context_length_exceeded",
+            )
         per_token = max_token_chars(tokenizer)
         if chars > token_limit * per_token:
-            raise RefusedPrompt(f"The messages have {chars} characters, more than {token_limit} tokens (MAX_PROMPT_TOKENS "
-                                f"or the model's context) can hold with this tokenizer (at most {per_token} characters "
-                                f"per token): at most {token_limit * per_token} characters", charge=chars,
-                                param="messages", code="context_length_exceeded")
+            raise RefusedPrompt(
+                f"The messages have {chars} characters, more than {token_limit} tokens (MAX_PROMPT_TOKENS "
+                f"or the model's context) can hold with this tokenizer (at most {per_token} characters "
+                f"per token): at most {token_limit * per_token} characters",
+                charge=chars,
+                param="messages",
+                code="context_length_exceeded",
+            )
         try:
             text = format_chat(messages, tokenizer, add_generation_prompt=True)
         except Exception as e:  # noqa: BLE001 - a template that rejects the messages
@@ -856,9 +929,14 @@ async def create_chat_completion(body: ChatCompletionCreate, request: Request, t
         def chunk(index, text, finish, lps, delta=None):
             delta = {"content": text} if delta is None and (text or not finish) else delta or {}
             lp = _chat_logprobs(lps, body.top_logprobs) if body.logprobs and lps else None
-            out = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-                   "system_fingerprint": fingerprint,
-                   "choices": [{"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}]}
+            out = {
+                "id": cid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model,
+                "system_fingerprint": fingerprint,
+                "choices": [{"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}],
+            }
             if include_usage:
                 out["usage"] = None
             return out
@@ -869,25 +947,45 @@ async def create_chat_completion(body: ChatCompletionCreate, request: Request, t
             return chunk(index, "", None, None, {"role": "assistant", "content": "", "refusal": None})
 
         def usage_chunk(usage):
-            return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-                    "choices": [], "usage": usage}
+            return {
+                "id": cid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model,
+                "choices": [],
+                "usage": usage,
+            }
 
-        return StreamingResponse(_stream(request, handle, chunk, usage_chunk, include_usage, [len(ids)], role_chunk),
-                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return StreamingResponse(
+            _stream(request, handle, chunk, usage_chunk, include_usage, [len(ids)], role_chunk),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache"},
+        )
 
     results = await _await_results(request, handle)
     choices = [
-        ChatChoice(index=i, message=ChatMessageOut(content=r.text), finish_reason=_finish(r.finish_reason),
-                   logprobs=_chat_logprobs(r.logprobs, body.top_logprobs) if body.logprobs else None)
+        ChatChoice(
+            index=i,
+            message=ChatMessageOut(content=r.text),
+            finish_reason=_finish(r.finish_reason),
+            logprobs=_chat_logprobs(r.logprobs, body.top_logprobs) if body.logprobs else None,
+        )
         for i, r in enumerate(results)
     ]
-    return ChatCompletion(id=cid, created=created, model=model, choices=choices, usage=_usage(results, [len(ids)], n),
-                          system_fingerprint=fingerprint)
+    return ChatCompletion(
+        id=cid,
+        created=created,
+        model=model,
+        choices=choices,
+        usage=_usage(results, [len(ids)], n),
+        system_fingerprint=fingerprint,
+    )
 
 
 @router.post("/v1/classify", response_model=Classification)
-async def classify(body: ClassifyCreate, request: Request, tenant: TenantDep, session: SessionDep,
-                   settings: SettingsDep) -> Classification:
+async def classify(
+    body: ClassifyCreate, request: Request, tenant: TenantDep, session: SessionDep, settings: SettingsDep
+) -> Classification:
     """Extension: the probability of each label as the continuation of `input`, under the model.
 
     Each label is scored as the exact text appended to `input` (include a leading space if your
@@ -896,8 +994,11 @@ async def classify(body: ClassifyCreate, request: Request, tenant: TenantDep, se
     await check_request_rate_async(request, tenant)
     labels = body.labels
     if len(labels) > settings.max_classify_labels:
-        raise APIError(400, f"At most {settings.max_classify_labels} labels (MAX_CLASSIFY_LABELS), got {len(labels)}",
-                       param="labels")
+        raise APIError(
+            400,
+            f"At most {settings.max_classify_labels} labels (MAX_CLASSIFY_LABELS), got {len(labels)}",
+            param="labels",
+        )
     if len(set(labels)) != len(labels):
         raise APIError(400, "labels must be distinct", param="labels")
     if any(not label for label in labels):
@@ -916,8 +1017,14 @@ async def classify(body: ClassifyCreate, request: Request, tenant: TenantDep, se
         if any(not x for x in label_ids):
             raise APIError(400, "every label must encode to at least one token", param="labels")
         try:
-            check_context(resolved.served, len(ids) + max(len(x) for x in label_ids), resolved.num_virtual_tokens,
-                          0, settings, param="input")
+            check_context(
+                resolved.served,
+                len(ids) + max(len(x) for x in label_ids),
+                resolved.num_virtual_tokens,
+                0,
+                settings,
+                param="input",
+            )
         except APIError as e:
             e.charge = len(ids) + sum(len(x) for x in label_ids)  # tokenized, then refused
             raise
@@ -932,13 +1039,11 @@ async def classify(body: ClassifyCreate, request: Request, tenant: TenantDep, se
     prefix = resolved.prefix
 
     def run(base):
-        from app.ml.generate import classify as ml_classify
 
         return ml_classify(base, ids, label_ids, prefix)
 
     try:
-        scored = await engine.run_call(tenant.id, run, fingerprint=resolved.served.fingerprint,
-                                       key=credential(request))
+        scored = await engine.run_call(tenant.id, run, fingerprint=resolved.served.fingerprint, key=credential(request))
     except QueueFullError as e:
         raise _queue_full(e) from None
     except APIError:
@@ -950,7 +1055,9 @@ async def classify(body: ClassifyCreate, request: Request, tenant: TenantDep, se
     prompt_tokens = len(ids) * len(labels) + sum(len(x) for x in label_ids)
     return Classification(
         model=body.model,
-        data=[ClassificationItem(label=label, logprob=lp, probability=p) for label, (lp, p) in zip(labels, scored)],
+        data=[
+            ClassificationItem(label=label, logprob=lp, probability=p)
+            for label, (lp, p) in zip(labels, scored, strict=False)
+        ],
         usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=0, total_tokens=prompt_tokens),
     )
-

@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session
 from app.api.errors import APIError
 from app.config import Settings
 from app.store.blobs import BlobStore
-from app.store.models import ApiKey, Tenant
+from app.store.tables import ApiKey, Tenant
 
 log = logging.getLogger("prefixd.auth")
 

@@ -23,8 +23,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.quotas import QuotaExceeded, RateLimiterUnavailable
 from app.store.storage import StorageFullError, full_message, is_storage_full
+from app.tenancy.quotas import QuotaExceeded, RateLimiterUnavailable
 
 log = logging.getLogger("prefixd.errors")
 

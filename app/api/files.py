@@ -19,19 +19,18 @@ from fastapi import File as FileParam
 from fastapi.responses import StreamingResponse
 from sqlalchemy import and_, or_, select
 
-from app import quotas
 from app.api.deps import BlobsDep, SessionDep, SettingsDep, TenantDep
 from app.api.errors import APIError, not_found
-from app.store.ids import ID_PATTERN, is_valid_id
 from app.api.schemas import FileDeleted, FileList, FileObject
-from app.store.models import File, Job, new_id
+from app.files.processing import validate_stored_file
+from app.store.ids import ID_PATTERN, is_valid_id
 from app.store.storage import ensure_reserve, storage_errors, with_reserve
-from app.validation import detect_format, validate_dataset
+from app.store.tables import File, Job, new_id
+from app.tenancy import quotas
 
 log = logging.getLogger("prefixd.files")
 router = APIRouter(prefix="/v1/files", tags=["files"])
 
-UPLOAD_PURPOSES = ("fine-tune", "base-train")
 LIST_PURPOSES = ("fine-tune", "base-train", "fine-tune-results")  # results: CSVs written by jobs
 UploadPurpose = Literal["fine-tune", "base-train"]
 ListPurpose = Literal["fine-tune", "base-train", "fine-tune-results"]
@@ -46,7 +45,11 @@ def file_object(f: File) -> FileObject:
 
 def get_tenant_file(session, tenant_id: str, file_id: str) -> File:
     """A tenant's file, or 404 (another tenant's file does not exist for this one)."""
-    f = session.scalar(select(File).where(File.id == file_id, File.tenant_id == tenant_id)) if is_valid_id(file_id) else None
+    f = (
+        session.scalar(select(File).where(File.id == file_id, File.tenant_id == tenant_id))
+        if is_valid_id(file_id)
+        else None
+    )
     if f is None:
         raise not_found("file", file_id, param="file_id")
     return f
@@ -59,6 +62,7 @@ def _clean_filename(name: str | None) -> str:
 
 
 # ---- validation (after the response) ----
+
 
 def token_counter(app):
     """The served base's tokenizer when the engine exposes one, else None (bytes/4 estimate)."""
@@ -79,48 +83,15 @@ def token_counter(app):
     return count
 
 
-_validating: set[str] = set()
-_validating_lock = threading.Lock()
-
-
 def validate_file(app, file_id: str) -> None:
-    """Validate one stored file and record the outcome. Idempotent; never raises."""
-    with _validating_lock:
-        if file_id in _validating:
-            return
-        _validating.add(file_id)
-    settings, blobs = app.state.settings, app.state.blobs
-    try:
-        with app.state.session_factory() as session:
-            f = session.get(File, file_id)
-            if f is None or f.status != "uploaded" or f.purpose not in UPLOAD_PURPOSES:
-                return
-            key, purpose, filename = f.blob_key, f.purpose, f.filename
-        try:
-            with blobs.open(key) as fh:
-                res = validate_dataset(fh, purpose, detect_format(filename, purpose),
-                                       max_line_bytes=settings.max_jsonl_line_bytes,
-                                       count_tokens=token_counter(app))
-            status, details = ("processed" if res.ok else "error"), res.details
-            rows, tokens = res.rows, res.tokens
-        except Exception:  # noqa: BLE001
-            log.exception("validation of %s failed", file_id)
-            status, details, rows, tokens = "error", "internal error while validating the file", None, None
-        with app.state.session_factory() as session:
-            f = session.get(File, file_id)
-            if f is None:  # deleted meanwhile
-                return
-            f.status, f.status_details, f.row_count, f.token_count = status, details, rows, tokens
-            session.commit()
-    except Exception:  # noqa: BLE001
-        log.exception("could not record validation of %s", file_id)
-    finally:
-        with _validating_lock:
-            _validating.discard(file_id)
+    """Validate one stored file with the served tokenizer and record the outcome; never raises."""
+    st = app.state
+    validate_stored_file(st.settings, st.session_factory, st.blobs, file_id, token_counter(app))
 
 
 def revalidate_pending(app) -> None:
     """At startup: files left `uploaded` by a crash get validated (in a daemon thread)."""
+
     def run():
         try:
             with app.state.session_factory() as session:
@@ -134,6 +105,7 @@ def revalidate_pending(app) -> None:
 
 
 # ---- routes ----
+
 
 async def single_parts(request: Request) -> None:
     """400 for an upload that repeats `file` or `purpose`: the form would keep only the last one,
@@ -163,8 +135,12 @@ def upload_file(
     size = fh.tell()
     fh.seek(0)
     if size > settings.max_upload_bytes:
-        raise APIError(413, f"File too large: {size} bytes (limit {settings.max_upload_bytes})",
-                       param="file", code="file_too_large")
+        raise APIError(
+            413,
+            f"File too large: {size} bytes (limit {settings.max_upload_bytes})",
+            param="file",
+            code="file_too_large",
+        )
     # 429 over the files / storage_bytes quota. This first check takes no lock, so a tenant over its
     # quota is refused before any bytes are stored; the binding check is the locked one below.
     quotas.check_upload(session, tenant, settings, size, lock=False)
@@ -173,11 +149,19 @@ def upload_file(
     key = f"files/{tenant.id}/{file_id}"
     with storage_errors():  # a full disk: 507 storage_full, whatever the store raised
         blobs.put_stream(key, fh)
-    row = File(id=file_id, tenant_id=tenant.id, filename=_clean_filename(file.filename), purpose=purpose,
-               bytes=size, status="uploaded", blob_key=key)
+    row = File(
+        id=file_id,
+        tenant_id=tenant.id,
+        filename=_clean_filename(file.filename),
+        purpose=purpose,
+        bytes=size,
+        status="uploaded",
+        blob_key=key,
+    )
     # check again with the tenant locked, and insert in the same transaction
-    quotas.insert_with_blob(session, row, lambda: quotas.check_upload(session, tenant, settings, size, lock=True),
-                            blobs, key)
+    quotas.insert_with_blob(
+        session, row, lambda: quotas.check_upload(session, tenant, settings, size, lock=True), blobs, key
+    )
     background.add_task(validate_file, request.app, file_id)
     return file_object(row)
 
@@ -187,8 +171,9 @@ def list_files(
     tenant: TenantDep,
     session: SessionDep,
     purpose: ListPurpose | None = None,
-    after: str | None = Query(default=None, pattern=ID_PATTERN,
-                              description="cursor: the last file id of the previous page"),
+    after: str | None = Query(
+        default=None, pattern=ID_PATTERN, description="cursor: the last file id of the previous page"
+    ),
     limit: int = Query(default=10000, ge=1, le=10000),
     order: str = Query(default="desc", pattern="^(asc|desc)$"),
 ) -> FileList:
@@ -197,18 +182,30 @@ def list_files(
         q = q.where(File.purpose == purpose)
     desc = order == "desc"
     if after:
-        cur = session.scalar(select(File).where(File.id == after, File.tenant_id == tenant.id)) if is_valid_id(after) else None
+        cur = (
+            session.scalar(select(File).where(File.id == after, File.tenant_id == tenant.id))
+            if is_valid_id(after)
+            else None
+        )
         if cur is None:
             raise not_found("file", after, param="after")
         if desc:
-            q = q.where(or_(File.created_at < cur.created_at, and_(File.created_at == cur.created_at, File.id < cur.id)))
+            q = q.where(
+                or_(File.created_at < cur.created_at, and_(File.created_at == cur.created_at, File.id < cur.id))
+            )
         else:
-            q = q.where(or_(File.created_at > cur.created_at, and_(File.created_at == cur.created_at, File.id > cur.id)))
+            q = q.where(
+                or_(File.created_at > cur.created_at, and_(File.created_at == cur.created_at, File.id > cur.id))
+            )
     q = q.order_by(File.created_at.desc(), File.id.desc()) if desc else q.order_by(File.created_at, File.id)
     rows = session.scalars(q.limit(limit + 1)).all()
     shown = rows[:limit]
-    return FileList(data=[file_object(f) for f in shown], has_more=len(rows) > limit,
-                    first_id=shown[0].id if shown else None, last_id=shown[-1].id if shown else None)
+    return FileList(
+        data=[file_object(f) for f in shown],
+        has_more=len(rows) > limit,
+        first_id=shown[0].id if shown else None,
+        last_id=shown[-1].id if shown else None,
+    )
 
 
 @router.get("/{file_id}", response_model=FileObject)
@@ -216,8 +213,11 @@ def get_file(file_id: str, tenant: TenantDep, session: SessionDep) -> FileObject
     return file_object(get_tenant_file(session, tenant.id, file_id))
 
 
-@router.get("/{file_id}/content", response_class=StreamingResponse,
-            responses={200: {"content": {"application/octet-stream": {}}, "description": "The file's bytes"}})
+@router.get(
+    "/{file_id}/content",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"application/octet-stream": {}}, "description": "The file's bytes"}},
+)
 def file_content(file_id: str, tenant: TenantDep, session: SessionDep, blobs: BlobsDep):
     f = get_tenant_file(session, tenant.id, file_id)
     try:
@@ -240,20 +240,27 @@ def file_content(file_id: str, tenant: TenantDep, session: SessionDep, blobs: Bl
 
 
 @router.delete("/{file_id}", response_model=FileDeleted)
-def delete_file(file_id: str, tenant: TenantDep, session: SessionDep, blobs: BlobsDep,
-                settings: SettingsDep) -> FileDeleted:
+def delete_file(
+    file_id: str, tenant: TenantDep, session: SessionDep, blobs: BlobsDep, settings: SettingsDep
+) -> FileDeleted:
     f = get_tenant_file(session, tenant.id, file_id)
     in_use = session.scalar(
-        select(Job.id).where(
+        select(Job.id)
+        .where(
             Job.tenant_id == tenant.id,
             or_(Job.training_file == f.id, Job.validation_file == f.id),
             Job.status.in_(ACTIVE_JOB_STATUSES),
-        ).limit(1)
+        )
+        .limit(1)
     )
     if in_use:
-        raise APIError(409, f"File '{f.id}' is used by job '{in_use}', which is still active; "
-                            "cancel the job or wait for it to finish", param="file_id", code="file_in_use",
-                       headers={"x-should-retry": "false"})
+        raise APIError(
+            409,
+            f"File '{f.id}' is used by job '{in_use}', which is still active; cancel the job or wait for it to finish",
+            param="file_id",
+            code="file_in_use",
+            headers={"x-should-retry": "false"},
+        )
     delete_file_row_and_blob(session, settings, blobs, f)
     return FileDeleted(id=file_id)
 

@@ -20,11 +20,11 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from sqlalchemy import func, select
 
-from app import metrics
 from app.api.schemas import Health, Readiness
+from app.observability import metrics
 from app.store.db import ping as db_ping
-from app.store.models import Job
 from app.store.storage import storage_status
+from app.store.tables import Job
 
 router = APIRouter(tags=["health"])
 

@@ -28,9 +28,11 @@ from pydantic import BaseModel, Field
 
 from app.api.deps import SessionDep, SettingsDep, TenantDep
 from app.api.errors import APIError
+from app.api.files import token_counter
 from app.jobs import outbox, service
-from app.jobs.context import Enqueue, JobContext
+from app.jobs.context import JobContext
 from app.jobs.monitor import Monitor
+from app.jobs.queue import enqueue_for
 from app.jobs.spec import JobCreate, SpecError, loc_to_param
 
 log = logging.getLogger("prefixd.api.jobs")
@@ -151,29 +153,12 @@ class JobsRoute(APIRoute):
         return route_handler
 
 
-def celery_enqueue(settings) -> Enqueue:
-    """The Celery producer for these settings. `worker.celery_app` is imported at the first send:
-    importing it builds the environment's Celery app, which an API run with other settings (as
-    in tests) has no use for."""
-    enqueue: Enqueue | None = None
-
-    def send(job_id: str, countdown: float | None = None) -> None:
-        nonlocal enqueue
-        if enqueue is None:
-            from worker.celery_app import enqueue_for
-
-            enqueue = enqueue_for(settings)
-        enqueue(job_id, countdown)
-
-    return send
-
-
 def _new_jobs_context(app) -> JobContext:
     st = app.state
-    # the app: files the monitor validates (app.jobs.recovery) count tokens with the served tokenizer
+    # files the monitor validates (app.jobs.recovery) count tokens with the served tokenizer
     st.jobs_context = JobContext(st.settings, st.session_factory, st.blobs,
-                                 enqueue=getattr(st, "enqueue", None) or celery_enqueue(st.settings),
-                                 extra={"app": app})
+                                 enqueue=getattr(st, "enqueue", None) or enqueue_for(st.settings),
+                                 extra={"count_tokens": lambda: token_counter(app)})
     return st.jobs_context
 
 

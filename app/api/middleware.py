@@ -22,8 +22,8 @@ import time
 
 from starlette.exceptions import HTTPException
 
-from app import metrics
 from app.api.errors import envelope
+from app.observability import metrics
 
 log = logging.getLogger("prefixd.http")
 _RID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")

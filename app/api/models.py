@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
@@ -30,12 +30,21 @@ from fastapi.responses import Response
 from pydantic import BaseModel
 from sqlalchemy import or_, select
 
-from app import stop_broadcast
 from app.api.deps import BlobsDep, SessionDep, SettingsDep, TenantDep
 from app.api.errors import APIError
-from app.quotas import check_adapter_count, insert_with_blob
-from app.store.models import Job, ModelRecord, new_id, now
+from app.ml.adapter import (
+    AdapterFormatError,
+    AdapterMismatchError,
+    ZipLimits,
+    adapter_to_bytes,
+    export_peft_zip,
+    import_peft_zip,
+)
+from app.serving.lifecycle import load_adapter_blob
 from app.store.storage import with_reserve
+from app.store.tables import Job, ModelRecord, new_id, now
+from app.tenancy import stop_broadcast
+from app.tenancy.quotas import check_adapter_count, insert_with_blob
 
 router = APIRouter(tags=["models"])
 
@@ -144,7 +153,6 @@ def resolve_model(session, engine, tenant_id: str, model_id: str, *, param: str 
         return Resolved(record, served)
     if record.fingerprint != served.fingerprint:
         raise adapter_mismatch(record, served, param)
-    from app.ml.adapter import AdapterFormatError, AdapterMismatchError
 
     try:
         entry = engine.prefix_for(record.id, record.blob_key, tenant_id=record.tenant_id)
@@ -198,8 +206,6 @@ def list_models(request: Request, tenant: TenantDep, session: SessionDep) -> Mod
 def export_model(model_id: str, request: Request, tenant: TenantDep, session: SessionDep, blobs: BlobsDep):
     """The adapter in PEFT's prefix-tuning format (`adapter_config.json` + `adapter_model.safetensors`),
     loadable with `PeftModel.from_pretrained` after unzipping."""
-    from app.ml.adapter import export_peft_zip
-    from app.serving.lifecycle import load_adapter_blob
 
     record = _tenant_adapter(session, tenant.id, model_id, _served_of(request))
     if record.kind != "adapter":
@@ -283,12 +289,11 @@ async def import_model(
     session: SessionDep,
     blobs: BlobsDep,
     settings: SettingsDep,
-    file: UploadFile = File(..., description="A zip of PEFT prefix-tuning files: adapter_config.json and "
-                                             "adapter_model.safetensors at its root"),
-    suffix: str | None = Form(None, description="Up to 40 characters of [a-z0-9-]"),
+    file: Annotated[UploadFile, File(description="A zip of PEFT prefix-tuning files: adapter_config.json and "
+                                                 "adapter_model.safetensors at its root")],
+    suffix: Annotated[str | None, Form(description="Up to 40 characters of [a-z0-9-]")] = None,
 ) -> ModelObject:
     """Import a PEFT prefix-tuning adapter for the served base (shapes are checked against it)."""
-    from app.ml.adapter import AdapterFormatError, ZipLimits, adapter_to_bytes, import_peft_zip
 
     if suffix is not None and suffix != "" and not SUFFIX_RE.match(suffix):
         raise APIError(400, "suffix must be 1-40 characters of [a-z0-9-]", param="suffix", code="invalid_suffix")

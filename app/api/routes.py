@@ -1,4 +1,4 @@
-"""Every router, registered in one place. Add yours to ROUTERS (order: most specific first)."""
+"""Every router, registered in one place (order: most specific first)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Pure-logic core of OpenAI's Evals API (issue 13, section 1): no HTTP, SQL or Celery.
+"""Pure-logic core of OpenAI's Evals API: no HTTP, SQL or Celery.
 
 Creation (each raises EvalSpecError(message, param) -> a 400 naming `param`):
     spec = validate_eval(data_source_config, testing_criteria)       # -> EvalSpec

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from app.evals import metrics
+from app.evals import text_metrics
 from app.evals.criteria import Criterion, CriterionResult, Label, Sample, ScoreLabels
 from app.evals.errors import ItemError
 
@@ -127,7 +127,7 @@ class _Acc:
         elif self.c.type == "span_f1":
             out.update(exact_match=self.em_sum / n if n else None, f1=self.f1_sum / n if n else None)
         elif self.c.type == "entity_f1":
-            p, r, f = metrics.prf(self.correct, self.n_pred, self.n_gold) if n else (None, None, None)
+            p, r, f = text_metrics.prf(self.correct, self.n_pred, self.n_gold) if n else (None, None, None)
             out.update(precision=p, recall=r, f1=f, correct=self.correct, predicted=self.n_pred, gold=self.n_gold)
         return out
 

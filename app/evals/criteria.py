@@ -31,7 +31,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.evals import metrics
+from app.evals import text_metrics
 from app.evals.errors import EvalSpecError, ItemError
 from app.evals.templates import check_template, render, render_value
 
@@ -145,11 +145,11 @@ class TextSimilarity(_Criterion):
     def check(self, item_schema, include_sample, param):
         super().check(item_schema, include_sample, param)
         metric = self.evaluation_metric
-        if metric in metrics.UNSUPPORTED_TEXT_METRICS:
+        if metric in text_metrics.UNSUPPORTED_TEXT_METRICS:
             raise EvalSpecError(
-                f"evaluation_metric {metric!r} is not supported: {metrics.UNSUPPORTED_TEXT_METRICS[metric]}",
+                f"evaluation_metric {metric!r} is not supported: {text_metrics.UNSUPPORTED_TEXT_METRICS[metric]}",
                 f"{param}.evaluation_metric")
-        if metric == "meteor" and not metrics.wordnet_available():
+        if metric == "meteor" and not text_metrics.wordnet_available():
             raise EvalSpecError(
                 "evaluation_metric 'meteor' needs the WordNet database, which no package on the registry "
                 "ships for offline use, and this server has none (an operator can enable it by putting "
@@ -158,7 +158,7 @@ class TextSimilarity(_Criterion):
     def grade(self, item, sample=None, *, score_labels=None):
         text = render(self.input, item, self._ns(sample))
         ref = render(self.reference, item, self._ns(sample))
-        score = metrics.TEXT_METRIC_FNS[self.evaluation_metric](text, ref)
+        score = text_metrics.TEXT_METRIC_FNS[self.evaluation_metric](text, ref)
         return self._result(score, score >= self.pass_threshold)
 
 
@@ -202,7 +202,7 @@ class Label(_Criterion):
         if len(raw) != len(self.labels):
             raise ValueError(f"score_labels returned {len(raw)} scores for {len(self.labels)} labels")
         values = []
-        for label, (logprob_sum, n_tokens) in zip(self.labels, raw):
+        for label, (logprob_sum, n_tokens) in zip(self.labels, raw, strict=False):
             if n_tokens <= 0:
                 raise ItemError(f"label {label!r} encodes to no tokens")
             values.append(logprob_sum / n_tokens if self.normalize == "mean" else float(logprob_sum))
@@ -213,8 +213,8 @@ class Label(_Criterion):
         passed = self.labels[best] == reference
         return self._result(1.0 if passed else 0.0, passed, {
             "predicted": self.labels[best], "reference": reference,
-            "scores": dict(zip(self.labels, values)),
-            "probabilities": {label: math.exp(v - top) / z for label, v in zip(self.labels, values)},
+            "scores": dict(zip(self.labels, values, strict=False)),
+            "probabilities": {label: math.exp(v - top) / z for label, v in zip(self.labels, values, strict=False)},
         })
 
 
@@ -233,7 +233,7 @@ class SpanF1(_Criterion):
         golds = [gold] if isinstance(gold, str) else gold
         if not isinstance(golds, list) or not all(isinstance(g, str) for g in golds):
             raise ItemError("span_f1 reference must be a string or a list of strings")
-        em, f1 = metrics.squad_scores(prediction, golds)
+        em, f1 = text_metrics.squad_scores(prediction, golds)
         return self._result(f1, f1 >= self.pass_threshold, {"exact_match": em, "f1": f1})
 
 
@@ -304,8 +304,8 @@ class EntityF1(_Criterion):
                 # cut, so the spans it does get right still count.
                 details["length_mismatch"] = [len(pred_tags), len(gold_tags)]
                 pred_tags = (pred_tags + ["O"] * len(gold_tags))[:len(gold_tags)]
-            gold = Counter(metrics.bio_entities(gold_tags))
-            pred = Counter(metrics.bio_entities(pred_tags))
+            gold = Counter(text_metrics.bio_entities(gold_tags))
+            pred = Counter(text_metrics.bio_entities(pred_tags))
         else:
             gold_list = _as_entities(render_value(self.reference, item, ns), "entity_f1 reference", lenient=False)
             pred_list = _as_entities(render_value(self.input, item, ns), "output", lenient=True)
@@ -316,7 +316,7 @@ class EntityF1(_Criterion):
             pred = Counter((t, s.strip()) for t, s in pred_list)
         correct = sum((gold & pred).values())
         n_pred, n_gold = sum(pred.values()), sum(gold.values())
-        p, r, f = metrics.prf(correct, n_pred, n_gold)
+        p, r, f = text_metrics.prf(correct, n_pred, n_gold)
         details.update(precision=p, recall=r, f1=f, correct=correct, predicted=n_pred, gold=n_gold)
         return self._result(f, f >= self.pass_threshold, details)
 

@@ -45,7 +45,7 @@ def _content_text(content: Any, param: str, err: type[Exception] = EvalSpecError
         return content
     parts = content if isinstance(content, list) else [content]
     texts = []
-    for i, part in enumerate(parts):
+    for part in parts:
         if isinstance(part, str):
             texts.append(part)
         elif isinstance(part, Mapping) and part.get("type") in _TEXT_PARTS and isinstance(part.get("text"), str):
@@ -93,7 +93,7 @@ class InputTemplate:
         value = lookup(self.reference, item, None)
         if not isinstance(value, list) or not value:
             raise ItemError(f"{{{{{self.reference}}}}} must be a non-empty list of messages")
-        return [dict(zip(("role", "content"), _message(m, f"{self.reference}[{i}]", ItemError)))
+        return [dict(zip(("role", "content"), _message(m, f"{self.reference}[{i}]", ItemError), strict=False))
                 for i, m in enumerate(value)]
 
 

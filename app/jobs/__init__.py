@@ -11,24 +11,4 @@
 from app.jobs.context import JobContext, default_context
 from app.jobs.state import claim_job, requeue_stale_jobs
 
-
-def run_job(job_id: str, ctx: JobContext | None = None) -> str:
-    from app.jobs.runner import run_job as _run
-
-    return _run(job_id, ctx)
-
-
-def run_prefix_job(run):
-    from app.jobs.runner import run_prefix_job as _run
-
-    return _run(run)
-
-
-def run_base_job(run):
-    from app.jobs.runner import run_base_job as _run
-
-    return _run(run)
-
-
-__all__ = ["JobContext", "default_context", "claim_job", "requeue_stale_jobs", "run_job",
-           "run_prefix_job", "run_base_job"]
+__all__ = ["JobContext", "default_context", "claim_job", "requeue_stale_jobs"]

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from app.config import Settings, get_settings
+from app.store.blobs import make_blob_store
+from app.store.db import init_db, make_engine, make_session_factory
 
 log = logging.getLogger("prefixd.jobs")
 
@@ -63,8 +65,6 @@ def default_context() -> JobContext:
     global _ctx
     with _lock:
         if _ctx is None:
-            from app.store.blobs import make_blob_store
-            from app.store.db import init_db, make_engine, make_session_factory
 
             settings = get_settings()
             engine = make_engine(settings.resolved_database_url)

@@ -59,7 +59,7 @@ class Monitor:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def start(self) -> "Monitor":
+    def start(self) -> Monitor:
         self._thread = threading.Thread(target=self._loop, name="job-monitor", daemon=True)
         self._thread.start()
         return self

@@ -36,7 +36,8 @@ from sqlalchemy import delete, exists, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from app.store.models import Job, JobOutbox, now as now_s
+from app.store.tables import Job, JobOutbox
+from app.store.tables import now as now_s
 
 log = logging.getLogger("prefixd.jobs.outbox")
 

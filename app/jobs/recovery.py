@@ -23,16 +23,15 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable
-from types import SimpleNamespace
 
 from sqlalchemy import Column, or_, select, update
 
+from app.files.processing import UPLOAD_PURPOSES, validate_stored_file
 from app.jobs import state
-from app.store.models import Base, File, Job
+from app.store.tables import Base, File, Job
 
 log = logging.getLogger("prefixd.jobs.recovery")
 
-UPLOAD_PURPOSES = ("fine-tune", "base-train")  # the purposes an upload validates (app.api.files)
 RECOVER_BATCH = 20  # files validated per monitor pass; the rest wait for the next one
 SWEPT_KINDS = ("files", "adapters", "checkpoints", "bases")
 _LOOKUP_BATCH = 50  # blob keys per database lookup (each one also looks up its ancestors)
@@ -68,13 +67,14 @@ def recover_uploaded_files(ctx, validate: Callable[[str], None] | None = None,
 
 
 def file_validator(ctx) -> Callable[[str], None]:
-    """`app.api.files.validate_file` on the app in `ctx.extra["app"]` (an API process: it counts
-    tokens with the served tokenizer), else on a view of the context (a worker: estimated)."""
-    from app.api.files import validate_file
+    """Validation with the token counter the composition root put in `ctx.extra["count_tokens"]`
+    (an API process: the served tokenizer), else estimated counts (a worker)."""
 
-    app = ctx.extra.get("app") or SimpleNamespace(state=SimpleNamespace(
-        settings=ctx.settings, session_factory=ctx.session_factory, blobs=ctx.blobs, serving=None))
-    return lambda file_id: validate_file(app, file_id)
+    def validate(file_id: str) -> None:
+        count = ctx.extra.get("count_tokens")
+        validate_stored_file(ctx.settings, ctx.session_factory, ctx.blobs, file_id, count() if count else None)
+
+    return validate
 
 
 # ----------------------------------------------------------------------------- orphan blobs

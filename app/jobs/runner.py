@@ -18,9 +18,9 @@ from __future__ import annotations
 import logging
 import math
 import os
+import secrets
 import shutil
 import socket
-import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -29,15 +29,22 @@ from typing import Any
 
 from sqlalchemy import func, select
 
-from app.bases import materialize_base
 from app.jobs import outbox, state, storage_full
 from app.jobs.context import JobContext, default_context
-from app.jobs.data import DataError, eval_subset, holdout_split, read_corpus, read_jsonl, results_csv
+from app.jobs.datasets import DataError, eval_subset, holdout_split, read_corpus, read_jsonl, results_csv
 from app.jobs.hyperparameters import HyperparameterError, base_training_config, prefix_training_config
 from app.jobs.service import fine_tuned_model_id, new_base_id
+from app.ml.adapter import adapter_from_bytes, adapter_to_bytes
+from app.ml.base import load_base, resolve_device
 from app.ml.callbacks import Progress, TrainingCallbacks
-from app.store.models import File, Job, JobEvent, ModelRecord, Tenant, new_id
+from app.ml.data import example_from_record
+from app.ml.evaluate import evaluate
+from app.ml.pretrain import train_base
+from app.ml.train import train_prefix
+from app.store.base_registry import blob_prefix, materialize_base, record_base, upload_base
 from app.store.storage import is_storage_full
+from app.store.tables import File, Job, JobEvent, ModelRecord, Tenant, new_id
+from app.tenancy.quotas import lock_tenant
 
 log = logging.getLogger("prefixd.jobs")
 
@@ -100,7 +107,6 @@ def _at_running_quota(s, job: Job, settings) -> bool:
         return False
     # two workers starting two jobs of one tenant at once must not both see one slot free: the
     # tenant stays locked until claim_job commits (or the session closes on the deferred path)
-    from app.quotas import lock_tenant
 
     lock_tenant(s, job.tenant_id)
     running = s.scalar(select(func.count()).select_from(Job).where(
@@ -333,7 +339,6 @@ def materialize(run: JobRun, record: ModelRecord) -> Path:
 def job_device(settings):
     """The torch device jobs run on (DEVICE). A worker configured for a device its machine lacks
     fails each job with that reason, instead of training on the CPU unnoticed."""
-    from app.ml.base import resolve_device
 
     try:
         return resolve_device(settings.device)
@@ -345,7 +350,6 @@ def job_device(settings):
 def load_base_cached(path: Path, record: ModelRecord, device="cpu"):
     key = f"{path}:{record.fingerprint}:{device}"
     if key not in _BASE_CACHE:
-        from app.ml.base import load_base
 
         _BASE_CACHE.clear()
         _BASE_CACHE[key] = load_base(str(path), device=device)
@@ -388,7 +392,6 @@ def _read_file(run: JobRun, file_id: str) -> tuple[File, bytes]:
 
 
 def _examples(run: JobRun, records: list[dict], what: str, tokenizer):
-    from app.ml.data import example_from_record
 
     out = []
     for n, rec in enumerate(records, 1):
@@ -400,7 +403,6 @@ def _examples(run: JobRun, records: list[dict], what: str, tokenizer):
 
 
 def run_prefix_job(run: JobRun) -> str:
-    from app.ml.train import train_prefix
 
     with run.session() as s:
         job = s.get(Job, run.job_id)
@@ -461,7 +463,6 @@ def run_prefix_job(run: JobRun) -> str:
         add.append(results_file)
         result_files.append(results_file.id)
 
-    from app.ml.adapter import adapter_to_bytes
 
     result.adapter.metadata.update({"model_id": ft_id, "base_id": job.model, "job_id": job.id})
     blob = adapter_to_bytes(result.adapter)
@@ -483,7 +484,6 @@ def run_prefix_job(run: JobRun) -> str:
 
 
 def _load_init_adapter(run: JobRun, adapter_id: str | None, base_id: str):
-    from app.ml.adapter import adapter_from_bytes
 
     with run.session() as s:
         rec = s.scalar(select(ModelRecord).where(ModelRecord.id == adapter_id, ModelRecord.kind == "adapter",
@@ -497,7 +497,6 @@ def _load_init_adapter(run: JobRun, adapter_id: str | None, base_id: str):
 
 def evaluate_pair(base, valid, adapter, base_id: str, ft_id: str, steps: int) -> list[dict]:
     """Loss, perplexity, exact match, BLEU and chrF of the base alone and of base + adapter."""
-    from app.ml.evaluate import evaluate
 
     examples = eval_subset(valid)
     longest = max(len(base.tokenizer(ex.completion, add_special_tokens=False)["input_ids"]) for ex in examples)
@@ -529,8 +528,6 @@ def run_base_job(run: JobRun) -> str:
     Checkpoints go the way of a prefix job's (local dir -> blobs under `checkpoints/{tenant}/{job}/`
     -> JobCheckpoint rows), so a base job whose worker died resumes on the next worker from its last
     checkpoint, with the same data order, optimizer state and tokenizer."""
-    from app.bases import blob_prefix, record_base, upload_base
-    from app.ml.pretrain import train_base
 
     with run.session() as s:
         job = s.get(Job, run.job_id)

@@ -12,8 +12,10 @@ from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.jobs import outbox, state
-from app.jobs.spec import SpecError, check_limits, normalize_method, parse_job_create
-from app.store.models import File, Job, JobCheckpoint, JobEvent, ModelRecord, Tenant, new_id
+from app.jobs.spec import JobCreate, SpecError, check_limits, normalize_method, parse_job_create
+from app.ml.config import PRESETS
+from app.store.tables import File, Job, JobCheckpoint, JobEvent, ModelRecord, Tenant, new_id
+from app.tenancy.quotas import check_adapter_count
 
 log = logging.getLogger("prefixd.jobs")
 
@@ -116,10 +118,6 @@ def _check_file(session: Session, tenant_id: str, file_id: str, param: str, kind
 
 
 def _check_base_preset(spec: dict) -> None:
-    try:
-        from app.ml.config import PRESETS
-    except Exception:  # the engine's presets are not importable here: the worker will check
-        return
     archs = sorted({a for a, _ in PRESETS})
     arch, size = spec.get("architecture"), spec.get("size")
     if arch is not None and arch not in archs:
@@ -136,7 +134,6 @@ def create_job(session: Session, tenant: Tenant, body, settings: Settings) -> Jo
     The job starts `queued` when its files are processed, with its outbox entry (the caller
     commits, then may relay it), else `validating_files` (a poller promotes it). Raises
     `SpecError` (400/404 naming the parameter)."""
-    from app.jobs.spec import JobCreate
 
     req = body if isinstance(body, JobCreate) else parse_job_create(body)
     method = normalize_method(req)
@@ -174,7 +171,6 @@ def create_job(session: Session, tenant: Tenant, body, settings: Settings) -> Jo
                             "method.prefix.init_adapter", status_code=404, code="model_not_found")
 
     if kind == "prefix":  # the job will make an adapter: 429 over the tenant's adapters quota
-        from app.quotas import check_adapter_count
 
         check_adapter_count(session, tenant, settings)
 

@@ -22,7 +22,7 @@ from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from app.jobs import outbox
-from app.store.models import File, Job, JobCheckpoint, JobEvent, Tenant, now
+from app.store.tables import File, Job, JobCheckpoint, JobEvent, Tenant, now
 
 log = logging.getLogger("prefixd.jobs")
 

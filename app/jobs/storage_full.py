@@ -16,8 +16,8 @@ import logging
 from sqlalchemy import func, select, update
 
 from app.jobs import outbox, state
-from app.store.models import Job, JobCheckpoint, JobEvent
 from app.store.storage import with_reserve
+from app.store.tables import Job, JobCheckpoint, JobEvent
 
 log = logging.getLogger("prefixd.jobs")
 

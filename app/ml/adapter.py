@@ -104,7 +104,7 @@ class Adapter:
         metrics: dict | None = None,
         source: str = "prefix-tuning",
         **extra: Any,
-    ) -> "Adapter":
+    ) -> Adapter:
         """A new adapter with complete metadata (what the training loop calls when it finishes)."""
         cfg = PrefixConfig(
             num_layers=config.num_layers,
@@ -125,7 +125,7 @@ class Adapter:
         return adapter
 
     @classmethod
-    def from_encoder(cls, encoder: PrefixEncoder, base_fingerprint: str, **kwargs: Any) -> "Adapter":
+    def from_encoder(cls, encoder: PrefixEncoder, base_fingerprint: str, **kwargs: Any) -> Adapter:
         """Fold a (possibly reparameterised) prefix encoder into an adapter."""
         folded = encoder.fold() if encoder.config.prefix_projection else encoder
         return cls.from_table(folded().detach().cpu(), folded.config, base_fingerprint, **kwargs)
@@ -218,7 +218,7 @@ def adapter_to_bytes(adapter: Adapter) -> bytes:
     return _zip_files(serialize_adapter(adapter), zipfile.ZIP_STORED)
 
 
-def adapter_from_bytes(data: bytes, limits: "ZipLimits | None" = None) -> Adapter:
+def adapter_from_bytes(data: bytes, limits: ZipLimits | None = None) -> Adapter:
     return deserialize_adapter(read_zip_safely(data, (META_FILE, TABLE_FILE), limits))
 
 
@@ -382,7 +382,7 @@ def import_peft(source: str | os.PathLike | Mapping[str, bytes], base, **metadat
     return adapter
 
 
-def import_peft_zip(data: bytes, base, limits: "ZipLimits | None" = None, **metadata: Any) -> Adapter:
+def import_peft_zip(data: bytes, base, limits: ZipLimits | None = None, **metadata: Any) -> Adapter:
     """`import_peft` for an uploaded zip holding the two PEFT files at its root."""
     return import_peft(read_zip_safely(data, (PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE), limits), base, **metadata)
 

@@ -199,8 +199,8 @@ def _presets() -> dict[tuple[str, str], Preset]:
     # name: (hidden, layers, heads, kv_heads(llama), mlp(llama), positions, vocab, seq, batch, learning_rate, steps)
     shapes = {
         "tiny": (64, 2, 4, 2, 172, 256, 2048, 64, 8, 3e-3, 20),
-        # The CPU build on 2 cores: small enough that a few hundred thousand tokens pass in about
-        # four minutes. Full multi-head attention (4 KV heads, not 2): a prefix lives in the KV heads.
+        # The CPU build: small enough to pretrain on a few CPU cores in minutes (docs/BENCHMARKS.md).
+        # Full multi-head attention (4 KV heads, not 2): a prefix lives in the KV heads.
         "default": (192, 4, 4, 4, 512, 512, 8192, 128, 8, 3e-3, 400),
         # GPU sizes: ~30M and ~120M parameters
         "small": (512, 8, 8, 4, 1376, 1024, 8192, 512, 32, 1e-3, 20_000),

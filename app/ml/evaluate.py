@@ -27,6 +27,7 @@ import sacrebleu
 import torch
 
 from app.ml.data import Example, encode_prompt, tokenize_example
+from app.ml.generate import GenerationRequest, generate
 from app.ml.kvcache import KV, FrozenPrefixCache, batch_prefixes, keeps_logits_by_mask, positions_from_mask
 
 METRICS = ("loss", "perplexity", "exact_match", "bleu", "chrf")
@@ -87,7 +88,7 @@ def exact_match(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) 
     if not hypotheses:
         return 0.0
     hits = sum(
-        normalize_text(h) in {normalize_text(r) for r in refs} for h, refs in zip(hypotheses, references)
+        normalize_text(h) in {normalize_text(r) for r in refs} for h, refs in zip(hypotheses, references, strict=False)
     )
     return hits / len(hypotheses)
 
@@ -173,7 +174,6 @@ def greedy_generations(
     stop: Sequence[str] | None = None,
 ) -> list[str]:
     """Greedy completions of `prompts` through `app.ml.generate.generate` (mixed-prefix engine)."""
-    from app.ml.generate import GenerationRequest, generate
 
     dtype, device = _model_dtype_device(base)
     kv = prefix_key_values(prefix, dtype, device)
@@ -190,7 +190,7 @@ def greedy_generations(
         chunk = order[start : start + batch_size]
         reqs = [GenerationRequest(prompt_ids=list(ids[i]), prefix=kv, max_tokens=max_new_tokens, temperature=0.0,
                                   stop=list(stop or [])) for i in chunk]
-        for i, res in zip(chunk, generate(base, reqs)):
+        for i, res in zip(chunk, generate(base, reqs), strict=False):
             texts[i] = res.text
     return texts
 
@@ -243,7 +243,7 @@ def evaluate(
             )
             if return_generations:
                 result["generations"] = [
-                    {"prompt": p, "text": h, "references": r} for p, h, r in zip(prompts, hyps, refs)
+                    {"prompt": p, "text": h, "references": r} for p, h, r in zip(prompts, hyps, refs, strict=False)
                 ]
     finally:
         base.model.train(was_training)

@@ -12,7 +12,8 @@ row's positions) and leave as they finish. The serving engine drives it step by 
 We write our own decode loop rather than calling HF `generate` because we need, per row: its own
 sampling settings and seeded generator, stop strings, streaming with correct text deltas, aborts,
 dropping finished rows from the batch so compute shrinks, and rows joining a running batch. (And
-PEFT's prefix `generate` is known to be broken on this stack: see DESIGN.md.)
+with peft 0.21, PEFT's `generate` with a trained prefix gives a short fragment where a step-by-step
+greedy loop over the same forward gives a fluent sentence.)
 
 `score` / `classify` sum the log-probs of candidate completions, for classification-style tasks:
 the prompt is prefilled once, and only multi-token candidates run a second, shared forward.
@@ -219,8 +220,8 @@ def partial_stop_len(text: str, stops: list[str]) -> int:
 def greedy_tokens(logits: torch.Tensor):
     """`(values, indices)`: the most likely token of each row (the first one on ties, like
     `argmax`) and its logit, NaN where the row has a NaN, so one pass also finds the rows whose
-    logits went bad. `max` rather than `argmax`: on CPU it is 3x faster on `[32, 8192]` (75
-    against 210 us), 5% of a decode step."""
+    logits went bad. `max` rather than `argmax`: it is several times faster on the CPU
+    (docs/BENCHMARKS.md)."""
     return logits.max(-1)
 
 
@@ -303,7 +304,7 @@ def token_logprobs(tokenizer, logits: torch.Tensor, token_ids: list[int], ks: li
         return tokenizer.decode([t], skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
     return [TokenLogprob(int(t), text(int(t)), chosen[i],
-                         [(j, text(j), v) for v, j in zip(vals[i][: ks[i]], ids[i][: ks[i]])])
+                         [(j, text(j), v) for v, j in zip(vals[i][: ks[i]], ids[i][: ks[i]], strict=False)])
             for i, t in enumerate(token_ids)]
 
 
@@ -385,10 +386,9 @@ def _check_split_head(model):
 def vocab_logits(head: torch.nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
     """Float `[rows, vocab]` logits of `[rows, hidden]` states, computed as W·Hᵀ, transposed.
 
-    The same products as the model's H·Wᵀ, but MKL runs `[V, d] x [d, rows]` 1.7-3.4x as fast as
-    `[rows, d] x [d, V]` at 32 rows on an AMD EPYC, and about as fast at 1 row (`bench.projection`).
-    The vocabulary projection is the largest matmul of a decode step on a small base: a 32-row
-    decode of 16 tokens took 164 instead of 195 ms on the `default` base."""
+    The same products as the model's H·Wᵀ, but MKL runs `[V, d] x [d, rows]` faster than
+    `[rows, d] x [d, V]` at many rows, and about as fast at 1 row (`bench.projection`). The
+    vocabulary projection is the largest matmul of a decode step on a small base."""
     logits = (head.weight @ hidden.t()).t()
     if head.bias is not None:
         logits = logits + head.bias
@@ -404,7 +404,7 @@ def last_logits(model, **inputs) -> torch.Tensor:
     if keeps_logits_by_mask(model):
         # a boolean mask gathers the last positions into one contiguous [rows, hidden] block, so
         # the vocabulary projection is one matmul; `logits_to_keep=1` slices a strided view, which
-        # torch turns into a batched matmul over a copied weight (4 of ~100 ms of a 32-row prefill)
+        # torch turns into a batched matmul over a copied weight
         keep = torch.zeros(inputs["input_ids"].shape, dtype=torch.bool, device=inputs["input_ids"].device)
         keep[:, -1] = True
         return model(**inputs, logits_to_keep=keep).logits.float()
@@ -599,7 +599,7 @@ def _merge(cache, mask: torch.Tensor, new_cache, new_mask: torch.Tensor) -> torc
         raise RuntimeError("rows can only join a batch whose cache layers are GrowingLayers")
     T, T_new = mask.shape[1], new_mask.shape[1]
     T_max = max(T, T_new)
-    for layer, new in zip(cache.layers, new_cache.layers):
+    for layer, new in zip(cache.layers, new_cache.layers, strict=False):
         layer.keys = torch.cat([_left_pad(layer.keys, T_max - T, 2), _left_pad(new.keys, T_max - T_new, 2)], 0)
         layer.values = torch.cat([_left_pad(layer.values, T_max - T, 2), _left_pad(new.values, T_max - T_new, 2)], 0)
     return torch.cat([_left_pad(mask, T_max - T, 1), _left_pad(new_mask, T_max - T_new, 1)], 0)
@@ -639,8 +639,9 @@ class DecodeBatch:
         keys = list(range(len(self.rows), len(self.rows) + len(requests))) if keys is None else list(keys)
         for req in requests:
             check_request(self.base, req)
-        done = [(k, _empty_result(r, "length")) for k, r in zip(keys, requests) if r.max_tokens == 0]
-        rows = [_Row(k, r, self.base.tokenizer, self.base.device) for k, r in zip(keys, requests) if r.max_tokens > 0]
+        done = [(k, _empty_result(r, "length")) for k, r in zip(keys, requests, strict=False) if r.max_tokens == 0]
+        rows = [_Row(k, r, self.base.tokenizer, self.base.device)
+                for k, r in zip(keys, requests, strict=True) if r.max_tokens > 0]
         for group in prefill_groups([len(r.req.prompt_ids) for r in rows]):
             group_rows = [rows[i] for i in group]
             cache, mask, logits = self._prefill(group_rows)
@@ -673,13 +674,21 @@ class DecodeBatch:
         L = max(len(r.req.prompt_ids) for r in rows)
         pad = _pad_id(self.base)
         ids = torch.tensor([[pad] * (L - len(r.req.prompt_ids)) + list(r.req.prompt_ids) for r in rows], device=device)
-        tmask = torch.tensor([[0] * (L - len(r.req.prompt_ids)) + [1] * len(r.req.prompt_ids) for r in rows], device=device)
+        tmask = torch.tensor(
+            [[0] * (L - len(r.req.prompt_ids)) + [1] * len(r.req.prompt_ids) for r in rows], device=device
+        )
         prefixes = _same_prefixes([r.req.prefix for r in rows], self.dtype, device)
         kv, pmask = batch_prefixes(prefixes, self.base.geometry, self.dtype, device)
         mask = torch.cat([pmask, tmask], 1)
         cache = GenerationCache(kv if pmask.shape[1] else None, reserve=mask.shape[1])
-        logits = last_logits(self.base.model, input_ids=ids, attention_mask=mask,
-                             position_ids=positions_from_mask(mask, L), cache=cache, use_cache=True)
+        logits = last_logits(
+            self.base.model,
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions_from_mask(mask, L),
+            cache=cache,
+            use_cache=True,
+        )
         return cache, mask, logits
 
     @torch.inference_mode()
@@ -705,7 +714,9 @@ class DecodeBatch:
         self.rows = [self.rows[j] for j in keep]
 
     @torch.inference_mode()
-    def step(self, on_token: OnToken | None = None, should_abort: ShouldAbort | None = None) -> list[tuple[object, object]]:
+    def step(
+        self, on_token: OnToken | None = None, should_abort: ShouldAbort | None = None
+    ) -> list[tuple[object, object]]:
         """One token for every live row, then one decode forward for the rows that go on.
 
         `on_token(key, token_id, text_delta, logprobs)` is called for each token (`logprobs`: the
@@ -719,9 +730,16 @@ class DecodeBatch:
         tokens, failed = self._next_tokens()
         scored = [j for j, row in enumerate(self.rows) if row.logprobs is not None and j not in failed]
         if scored:
-            for j, entry in zip(scored, token_logprobs(self.base.tokenizer, self.logits[scored],
-                                                        [tokens[j] for j in scored],
-                                                        [self.rows[j].req.logprobs for j in scored])):
+            for j, entry in zip(
+                scored,
+                token_logprobs(
+                    self.base.tokenizer,
+                    self.logits[scored],
+                    [tokens[j] for j in scored],
+                    [self.rows[j].req.logprobs for j in scored],
+                ),
+                strict=False,
+            ):
                 self.rows[j].logprobs.append(entry)
         keep, next_ids, done = [], [], []
         for j, row in enumerate(self.rows):
@@ -752,19 +770,23 @@ class DecodeBatch:
         only the rows at fault fail and every other row draws what it would have drawn."""
         best = greedy_tokens(self.logits)
         tokens = best.indices.tolist()
-        failed = {j: GenerationFailedError("the next-token logits are not finite (NaN or Inf); the adapter's "
-                                           "values may be corrupt")
-                  for j, ok in enumerate(torch.isfinite(best.values).tolist()) if not ok}
+        failed = {
+            j: GenerationFailedError(
+                "the next-token logits are not finite (NaN or Inf); the adapter's values may be corrupt"
+            )
+            for j, ok in enumerate(torch.isfinite(best.values).tolist())
+            if not ok
+        }
         # rows with penalties or a bias choose from their own shaped logits: a copy of their rows
         # alone, so the other rows' path (and cost) is what it is without them
         shaped = [j for j, row in enumerate(self.rows) if row.req.shapes_logits and j not in failed]
         if shaped:
             V, device = self.logits.shape[-1], self.logits.device
             adjusted = self.logits[shaped] + torch.stack([self.rows[j].logit_offset(V, device) for j in shaped])
-            shaped_logits = dict(zip(shaped, adjusted))
+            shaped_logits = dict(zip(shaped, adjusted, strict=False))
             greedy = [i for i, j in enumerate(shaped) if self.rows[j].generator is None]
             if greedy:
-                for i, tok in zip(greedy, greedy_tokens(adjusted[greedy]).indices.tolist()):
+                for i, tok in zip(greedy, greedy_tokens(adjusted[greedy]).indices.tolist(), strict=False):
                     tokens[shaped[i]] = tok
         sampled = [j for j, row in enumerate(self.rows) if row.generator is not None and j not in failed]
         if sampled:
@@ -775,7 +797,9 @@ class DecodeBatch:
                     if j in shaped_logits:
                         x[i] = shaped_logits[j]
             try:
-                picks = dict(zip(sampled, sample_tokens(x, [self.rows[j].req for j in sampled], uniforms)))
+                picks = dict(
+                    zip(sampled, sample_tokens(x, [self.rows[j].req for j in sampled], uniforms), strict=False)
+                )
             except Exception:  # noqa: BLE001 - find the rows at fault
                 picks = {}
                 for i, j in enumerate(sampled):
@@ -805,16 +829,19 @@ class DecodeBatch:
         self._restore(lengths)
         bad: dict[int, Exception] = {}
         for j in range(len(self.rows)):
-            cache = GenerationCache([(layer.keys[j : j + 1].clone(), layer.values[j : j + 1].clone())
-                                     for layer in self.cache.layers])
+            cache = GenerationCache(
+                [(layer.keys[j : j + 1].clone(), layer.values[j : j + 1].clone()) for layer in self.cache.layers]
+            )
             try:
                 self._forward(cache, self.mask[j : j + 1], next_ids[j : j + 1])
             except Exception as exc:  # noqa: BLE001
                 bad[j] = exc
         if not bad:  # no row fails alone: the batch as a whole does (out of memory, ...)
             raise first_error
-        failed = [(self.rows[j].key, GenerationFailedError(f"the decode step failed: {type(e).__name__}: {e}"))
-                  for j, e in bad.items()]
+        failed = [
+            (self.rows[j].key, GenerationFailedError(f"the decode step failed: {type(e).__name__}: {e}"))
+            for j, e in bad.items()
+        ]
         for j in bad:
             self.rows[j].finish = "error"
         keep = [j for j in range(len(self.rows)) if j not in bad]
@@ -826,16 +853,21 @@ class DecodeBatch:
     def _forward(self, cache, mask: torch.Tensor, next_ids: list[int]) -> torch.Tensor:
         """Next-token logits after feeding one token per row; `mask` gains the token's slot."""
         mask = torch.cat([mask, mask.new_ones(len(next_ids), 1)], 1)
-        logits = last_logits(self.base.model, input_ids=torch.tensor(next_ids, device=mask.device)[:, None],
-                             attention_mask=mask, position_ids=positions_from_mask(mask, 1), cache=cache,
-                             use_cache=True)
+        logits = last_logits(
+            self.base.model,
+            input_ids=torch.tensor(next_ids, device=mask.device)[:, None],
+            attention_mask=mask,
+            position_ids=positions_from_mask(mask, 1),
+            cache=cache,
+            use_cache=True,
+        )
         if cache is self.cache:
             self.mask = mask
         return logits
 
     def _restore(self, lengths: list[int]) -> None:
         """Cut each layer back to its length before a failed forward (layers it reached grew by a slot)."""
-        for layer, n in zip(self.cache.layers, lengths):
+        for layer, n in zip(self.cache.layers, lengths, strict=False):
             layer.keys, layer.values = layer.keys[:, :, :n], layer.values[:, :, :n]
 
 
@@ -848,7 +880,8 @@ def generate(
     """Run all requests in shared forward passes; results in request order.
 
     `on_token(row, token_id, text_delta, logprobs)` is called for every generated token (`logprobs`:
-    see `DecodeBatch.step`); `text_delta` may be "" while text is held back (an incomplete character, or a possible start of a stop string).
+    see `DecodeBatch.step`); `text_delta` may be "" while text is held back
+    (an incomplete character, or a possible start of a stop string).
     `should_abort(row)` is checked before the prefill and after each of the row's tokens; an aborted
     row ends with finish_reason "abort" and leaves the batch.
     """
@@ -906,14 +939,21 @@ def score(base, prompt_ids: list[int], candidates: list[list[int]], prefix: KV |
             L = max(len(x) for x in inputs)
             ids = torch.tensor([[_pad_id(base)] * (L - len(x)) + x for x in inputs], device=device)
             tmask = torch.tensor([[0] * (L - len(x)) + [1] * len(x) for x in inputs], device=device)
-            targets = torch.tensor([[0] * (L - len(x)) + list(candidates[i][1:]) for i, x in zip(multi, inputs)],
-                                   device=device)
+            targets = torch.tensor(
+                [[0] * (L - len(x)) + list(candidates[i][1:]) for i, x in zip(multi, inputs, strict=False)],
+                device=device,
+            )
             prompt.cache.batch_repeat_interleave(m)
             mask = torch.cat([prompt.mask.expand(m, -1), tmask], 1)
-            out = base.model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask, L),
-                             cache=prompt.cache, use_cache=True)
+            out = base.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions_from_mask(mask, L),
+                cache=prompt.cache,
+                use_cache=True,
+            )
             lp = out.logits.float().log_softmax(-1).gather(-1, targets[..., None])[..., 0]
-            for i, rest in zip(multi, (lp * tmask).sum(-1).tolist()):
+            for i, rest in zip(multi, (lp * tmask).sum(-1).tolist(), strict=False):
                 scores[i] += rest
     return scores
 
@@ -926,8 +966,12 @@ def prompt_logprobs(base, prompt_ids: list[int], prefix: KV | None = None, top: 
     if not prompt_ids:
         raise ValueError("prompt must have at least one token")
     check_context(base, len(prompt_ids), prefix_length(prefix), 0)
-    first = TokenLogprob(int(prompt_ids[0]), base.tokenizer.decode([int(prompt_ids[0])], skip_special_tokens=False,
-                                                                   clean_up_tokenization_spaces=False), None, None)
+    first = TokenLogprob(
+        int(prompt_ids[0]),
+        base.tokenizer.decode([int(prompt_ids[0])], skip_special_tokens=False, clean_up_tokenization_spaces=False),
+        None,
+        None,
+    )
     if len(prompt_ids) == 1:
         return [first]
     with torch.inference_mode():
@@ -935,8 +979,13 @@ def prompt_logprobs(base, prompt_ids: list[int], prefix: KV | None = None, top: 
         kv, pmask = batch_prefixes(_same_prefixes([prefix], dtype, device), base.geometry, dtype, device)
         mask = torch.cat([pmask, torch.ones(1, L, dtype=torch.long, device=device)], 1)
         cache = GenerationCache(kv if pmask.shape[1] else None, reserve=mask.shape[1])
-        out = base.model(input_ids=torch.tensor([list(prompt_ids)], device=device), attention_mask=mask,
-                         position_ids=positions_from_mask(mask, L), cache=cache, use_cache=True)
+        out = base.model(
+            input_ids=torch.tensor([list(prompt_ids)], device=device),
+            attention_mask=mask,
+            position_ids=positions_from_mask(mask, L),
+            cache=cache,
+            use_cache=True,
+        )
         logits = out.logits[0, :-1].float()  # position t predicts token t + 1
         return [first, *token_logprobs(base.tokenizer, logits, list(prompt_ids[1:]), [top] * (L - 1))]
 

@@ -8,7 +8,7 @@ a missing path, a file that is not GGUF or is truncated, an architecture transfo
 as a causal LM.
 
 A converted directory carries `.gguf-source.json` (the GGUF's sha256). It is a hidden file, so
-`app.bases` never uploads it: it only tells this machine that the directory is the conversion of
+`app.store.base_registry` never uploads it: it only tells this machine that the directory is the conversion of
 this very file, so a GGUF replaced under the same name is converted again rather than served stale.
 """
 
@@ -35,7 +35,7 @@ def is_gguf_path(path) -> bool:
 
 
 def gguf_sha256(path) -> str:
-    """`sha256:` + hex of the file (SmolLM2's 98 MB: about 0.2 s), the GGUF's identity."""
+    """`sha256:` + hex of the file, the GGUF's identity."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

@@ -12,7 +12,7 @@ Two cache flavours:
   prefix tuning breaks with gradient checkpointing precisely because its cache grows on recompute.
 - `GenerationCache` (generation): pre-filled with the prefixes, then grows by one token per step.
   Its layers append into spare capacity: a `DynamicLayer` re-concatenates the whole cache every
-  step, which was 45% of a 32-row decode step on CPU (bench.mixed_prefix).
+  step, a large share of a decode step (bench.mixed_prefix; docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ class ModelGeometry:
     max_positions: int
 
     @classmethod
-    def of(cls, config) -> "ModelGeometry":
+    def of(cls, config) -> ModelGeometry:
         cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
         layers = getattr(cfg, "num_hidden_layers", None) or cfg.n_layer
         heads = getattr(cfg, "num_attention_heads", None) or cfg.n_head
@@ -89,7 +89,6 @@ def batch_prefixes(
             out.append((k.to(dtype).unsqueeze(0).expand(shape), v.to(dtype).unsqueeze(0).expand(shape)))
             continue
         if full:  # every row has a prefix of length P_max: one stack per layer, not a copy per row
-            # (32 distinct adapters: 0.5-1.0 instead of 2.8-5.0 ms, 3-5% of their prefill on CPU)
             out.append((torch.stack([p[layer][0] for p in prefixes]).to(device=device, dtype=dtype),
                         torch.stack([p[layer][1] for p in prefixes]).to(device=device, dtype=dtype)))
             continue
@@ -149,7 +148,10 @@ class GrowingLayer(DynamicLayer):
             or T + n > buf.shape[2]
             or buf.shape[0] != key_states.shape[0]
             # keys were replaced (rows selected, trimmed or merged) since the last update
-            or (T > 0 and (self.keys.data_ptr() != buf.data_ptr() or self.keys.shape != (*buf.shape[:2], T, buf.shape[3])))
+            or (
+                T > 0
+                and (self.keys.data_ptr() != buf.data_ptr() or self.keys.shape != (*buf.shape[:2], T, buf.shape[3]))
+            )
         )
         if adopt:
             needed = max(T + n, self.reserve if buf is None else 0)

@@ -42,7 +42,7 @@ class PrefixConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "PrefixConfig":
+    def from_dict(cls, d: dict) -> PrefixConfig:
         fields = cls.__dataclass_fields__
         return cls(**{k: v for k, v in d.items() if k in fields})
 
@@ -85,7 +85,7 @@ class PrefixEncoder(nn.Module):
         return table_to_key_values(self.forward(), self.config, dtype)
 
     @torch.no_grad()
-    def fold(self) -> "PrefixEncoder":
+    def fold(self) -> PrefixEncoder:
         """A projection-free copy holding the MLP's output as a plain table."""
         cfg = PrefixConfig(**{**self.config.to_dict(), "prefix_projection": False})
         folded = PrefixEncoder(cfg)

@@ -435,7 +435,7 @@ def _base_meta(model, tokenizer, fingerprint: str, *, preset: Preset | None, ini
         "hyperparameters": {**asdict(config), **asdict(plan)},
         "corpus": corpus.summary(), "steps": run.step, "planned_steps": plan.steps,
         "resumed_from_step": run.resumed_from,
-        "epochs": round(run.trained_tokens / max(1, corpus.train_blocks.numel()), 3),  # passes trained
+        "passes_over_corpus": round(run.trained_tokens / max(1, corpus.train_blocks.numel()), 3),
         "metrics": metrics, "timing_s": timing,
     }
 

@@ -31,7 +31,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from app.serving import metrics
+from app.ml.adapter import check_compatible
+from app.ml.base import load_base, resolve_device, resolve_serving_dtype
+from app.ml.generate import DecodeBatch
+from app.observability import metrics
 from app.serving.adapter_cache import AdapterCache
 from app.serving.scheduler import FairScheduler, QueueFullError, SchedulerClosedError, WorkItem
 
@@ -156,7 +159,6 @@ JOIN_GROUP = 4
 def load_served_base(settings, path: str):
     """The base at `path` on the configured device (DEVICE) in the serving dtype (SERVING_DTYPE).
     A device this machine lacks raises ValueError naming it, which /readyz then reports."""
-    from app.ml.base import load_base, resolve_device, resolve_serving_dtype
 
     device = resolve_device(settings.device)
     return load_base(str(path), device=device, dtype=resolve_serving_dtype(settings.serving_dtype, device))
@@ -183,7 +185,7 @@ class ServingEngine:
         self.window_s = settings.batch_window_ms / 1000.0
         self.scheduler = FairScheduler(settings.max_queued_requests, on_drop=self._dropped)
         self.cache: AdapterCache[CachedPrefix] = AdapterCache(
-            settings.adapter_cache_size, on_hit=metrics.cache_hit, on_miss=metrics.cache_miss
+            settings.adapter_cache_size, on_hit=metrics.adapter_cache_hit, on_miss=metrics.adapter_cache_miss
         )
         self._batch_factory = batch_factory
         self._adapter_loader = adapter_loader
@@ -317,24 +319,22 @@ class ServingEngine:
         if entry.fingerprint != served.fingerprint:  # loaded for a base that is no longer served
             self.cache.evict(model_id)
             entry = self.cache.get(model_id, load, owner=tenant_id)
-        metrics.cache_size(len(self.cache))
+        metrics.set_adapter_cache_size(len(self.cache))
         return entry
 
     def _compatible(self, adapter, base) -> None:
         check = self._check_compatible
-        if check is None:
-            from app.ml.adapter import check_compatible as check
-        check(adapter, base)
+        (check or check_compatible)(adapter, base)
 
     def evict(self, model_id: str) -> bool:
         evicted = self.cache.evict(model_id)
-        metrics.cache_size(len(self.cache))
+        metrics.set_adapter_cache_size(len(self.cache))
         return evicted
 
     def evict_tenant(self, tenant_id: str) -> int:
         """Evict every cached adapter of a tenant (its deletion); returns how many."""
         evicted = self.cache.evict_owner(tenant_id)
-        metrics.cache_size(len(self.cache))
+        metrics.set_adapter_cache_size(len(self.cache))
         return len(evicted)
 
     # -- submission (called from the event loop) ---------------------------------------------
@@ -374,9 +374,9 @@ class ServingEngine:
         try:
             self.scheduler.submit(items)
         except QueueFullError:
-            metrics.rejected()
+            metrics.rejected("queue_full")
             raise
-        metrics.queue_depth(len(self.scheduler))
+        metrics.set_queue_depth(len(self.scheduler))
 
     def cancel_matching(self, *, tenant_id: str | None = None, key: str | None = None,
                         reason: str = "the request was cancelled by the server") -> int:
@@ -393,7 +393,7 @@ class ServingEngine:
 
     def inflight_credentials(self) -> set[tuple[str, str | None]]:
         """(tenant id, key hash or None) of every queued or running row not yet cancelled: what
-        app/stop_broadcast.py checks against the database after its listener was cut off. Safe
+        app/tenancy/stop_broadcast.py checks against the database after its listener was cut off. Safe
         from any thread (a snapshot, as `cancel_matching` takes)."""
         return {(item.tenant_id, item.key) for item in self.running_items() + self.scheduler.queued_items()
                 if not item.cancelled}
@@ -428,7 +428,7 @@ class ServingEngine:
                                               budget=self.max_prefill_tokens)
         else:
             items = self._take_for_running_batch()
-        metrics.queue_depth(len(self.scheduler))
+        metrics.set_queue_depth(len(self.scheduler))
         gens = self._check_admission([item for item in items if item.kind == "generate"])
         if gens:
             self._admit(gens)
@@ -496,8 +496,7 @@ class ServingEngine:
         row (a bad prefix, a too-long prompt) fails alone and not its neighbours."""
         if not self._running or self._batch is None:
             factory = self._batch_factory
-            if factory is None:
-                from app.ml.generate import DecodeBatch as factory
+            factory = factory or DecodeBatch
             self._batch, self._batch_served = factory(self._served.base), self._served
         keys = list(range(self._next_key, self._next_key + len(items)))
         self._next_key += len(items)
@@ -511,7 +510,7 @@ class ServingEngine:
             for item in items:
                 self._admit([item])
             return
-        self._running.update(zip(keys, items))
+        self._running.update(zip(keys, items, strict=False))
         for key, result in done:
             self._finish(key, result)
 
@@ -537,7 +536,8 @@ class ServingEngine:
     def _step(self) -> None:
         running, stop = self._running, self._stop
         rows = len(running)
-        metrics.batch(rows, len({id(getattr(item.payload.request, "prefix", None)) for item in running.values()}))
+        prefixes = {id(getattr(item.payload.request, "prefix", None)) for item in running.values()}
+        metrics.observe_batch(rows, len(prefixes))
 
         def on_token(key: int, token_id: int, text: str, logprobs=None) -> None:
             item = running[key]
@@ -549,7 +549,7 @@ class ServingEngine:
 
         t0 = time.perf_counter()
         done = self._batch.step(on_token=on_token, should_abort=should_abort)
-        metrics.tokens(rows, time.perf_counter() - t0)  # every live row took one token
+        metrics.record_tokens(rows, time.perf_counter() - t0)  # every live row took one token
         self.steps_run += 1
         for key, result in done:
             self._finish(key, result)

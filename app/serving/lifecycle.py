@@ -2,7 +2,7 @@
 
 `start(app)` sets `app.state.serving` (a `ServingEngine`), starts its scheduler thread, and loads
 the startup base in a background thread: `BASE_MODEL` if set, otherwise `DATA_DIR/models/default`,
-built on first start (see `app.bases`). `/readyz` answers 503 until `engine.ready`.
+built on first start (see `app.store.base_registry`). `/readyz` answers 503 until `engine.ready`.
 With `SERVING_ENABLED=0` the process serves no model: `app.state.serving` stays None and the
 inference routes answer 503.
 """
@@ -12,14 +12,15 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from app.ml.adapter import META_FILE, TABLE_FILE, adapter_from_bytes, deserialize_adapter
 from app.serving.engine import ServingEngine, load_served_base
+from app.store.base_registry import _complete_local, _gguf_source, ensure_default_base, served_base_dir
 
 log = logging.getLogger("prefixd.serving")
 
 
 def load_adapter_blob(blobs, blob_key: str):
     """An adapter from storage: one zip blob (`adapter_to_bytes`), or a prefix holding the two files."""
-    from app.ml.adapter import META_FILE, TABLE_FILE, adapter_from_bytes, deserialize_adapter
 
     if blob_key.endswith("/"):
         return deserialize_adapter({name: blobs.get_bytes(blob_key + name) for name in (META_FILE, TABLE_FILE)})
@@ -34,7 +35,6 @@ def startup_loader(settings, session_factory, blobs):
     """A `load()` for `ServingEngine.start`: (base id, Base) of the startup base."""
 
     def load():
-        from app.bases import _complete_local, _gguf_source, ensure_default_base, served_base_dir
 
         _slug, path = served_base_dir(settings)
         # first start: build (or fetch) the default base; a GGUF BASE_MODEL is checked against its

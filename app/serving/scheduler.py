@@ -30,7 +30,6 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-
 GATHER_CAP = 4  # the oldest queued item waits at most this many windows for a batch to fill
 
 

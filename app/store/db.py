@@ -5,9 +5,9 @@
 upgrade holds an exclusive file lock next to the database; on PostgreSQL a transaction-scoped
 advisory lock. The loser waits, then finds the schema at head and does nothing.
 
-A change to `app/store/models.py` needs a new revision in `app/store/migrations/versions/`
+A change to `app/store/tables.py` needs a new revision in `app/store/migrations/versions/`
 (`python -m app.store.db revision "message"` autogenerates one against a scratch database);
-`tests/test_db.py` fails while the models and the migrations disagree.
+`tests/store/test_db.py` fails while the models and the migrations disagree.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from pathlib import Path
 from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
+
+from app.store.storage import StorageFullError, full_message, is_storage_full
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 _PG_LOCK_KEY = 0x70726566  # "pref"
@@ -37,7 +39,6 @@ def normalize_url(url: str) -> str:
 def _raise_storage_full(engine: Engine) -> None:
     """A write the database had no room for (SQLITE_FULL, PostgreSQL's disk_full) surfaces as
     `StorageFullError`, in the API and the workers alike."""
-    from app.store.storage import StorageFullError, full_message, is_storage_full
 
     @event.listens_for(engine, "handle_error")
     def _storage_full(context):  # noqa: ANN001

@@ -1,4 +1,4 @@
-"""What an id the service issues looks like (`app.store.models.new_id`): URL-safe, short. Anything
+"""What an id the service issues looks like (`app.store.tables.new_id`): URL-safe, short. Anything
 else (NUL bytes, slashes, a megabyte) names nothing, so it is refused before any query or path."""
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from app.evals import (
     SpanF1,
     StringCheck,
     TextSimilarity,
-    metrics,
+    text_metrics,
 )
 
 
@@ -82,7 +82,9 @@ def test_pass_threshold_is_inclusive_and_on_the_0_1_scale():
     assert sim("bleu", "same words here", "same words here", threshold=1.0).passed  # 100.00000000000004 clamped
 
 
-@pytest.mark.skipif(not metrics.wordnet_available(), reason="no WordNet on this machine (meteor is refused at creation)")
+@pytest.mark.skipif(
+    not text_metrics.wordnet_available(), reason="no WordNet on this machine (meteor is refused at creation)"
+)
 def test_meteor_when_wordnet_is_installed():
     assert sim("meteor", "the cat sat on the mat", "the cat sat on the mat").score > 0.99
 
@@ -197,7 +199,7 @@ def test_entity_f1_entity_lists():
     assert ner("[]", [], "entities").score == 1.0
 
 
-@pytest.mark.parametrize("metric", [m for m in metrics.TEXT_METRIC_FNS if m != "meteor"])
+@pytest.mark.parametrize("metric", [m for m in text_metrics.TEXT_METRIC_FNS if m != "meteor"])
 def test_empty_output_scores_zero_and_empty_pair_only_fuzzy_one(metric):
     assert sim(metric, "", "some reference").score == 0.0
     assert sim(metric, "", "").score == (1.0 if metric == "fuzzy_match" else 0.0)

@@ -8,11 +8,20 @@ SCHEMA = {"type": "object", "properties": {"text": {"type": "string"}, "history"
 
 
 def test_chat_template_in_openai_shapes():
-    t = parse_input_messages({"type": "template", "template": [
-        {"type": "message", "role": "developer", "content": {"type": "input_text", "text": "Classify."}},
-        {"role": "user", "content": "Review: {{item.text}}"},
-        {"role": "assistant", "content": [{"type": "output_text", "text": "Sure"}, {"type": "input_text", "text": "."}]},
-    ]}, SCHEMA)
+    t = parse_input_messages(
+        {
+            "type": "template",
+            "template": [
+                {"type": "message", "role": "developer", "content": {"type": "input_text", "text": "Classify."}},
+                {"role": "user", "content": "Review: {{item.text}}"},
+                {
+                    "role": "assistant",
+                    "content": [{"type": "output_text", "text": "Sure"}, {"type": "input_text", "text": "."}],
+                },
+            ],
+        },
+        SCHEMA,
+    )
     assert t.kind == "chat" and t.is_chat
     assert t.render({"text": "très bien"}) == [
         {"role": "system", "content": "Classify."},  # developer means system to our models
@@ -37,22 +46,37 @@ def test_item_reference():
             t.render(bad)
 
 
-@pytest.mark.parametrize("obj, param", [
-    (None, "data_source.input_messages"),
-    ({"type": "magic"}, "data_source.input_messages.type"),
-    ({"type": "template", "template": []}, "data_source.input_messages.template"),
-    ({"type": "template", "template": [{"role": "user", "content": "{{item.txt}}"}]},
-     "data_source.input_messages.template[0].content"),
-    ({"type": "template", "template": [{"role": "user", "content": "{{sample.output_text}}"}]},
-     "data_source.input_messages.template[0].content"),
-    ({"type": "template", "template": [{"role": "robot", "content": "x"}]}, "data_source.input_messages.template[0].role"),
-    ({"type": "template", "template": [{"role": "user"}]}, "data_source.input_messages.template[0].content"),
-    ({"type": "template", "template": [{"role": "user", "content": {"type": "input_image", "image_url": "x"}}]},
-     "data_source.input_messages.template[0].content"),
-    ({"type": "template", "template": "{{item.nope}}"}, "data_source.input_messages.template"),
-    ({"type": "item_reference", "item_reference": "item.nope"}, "data_source.input_messages.item_reference"),
-    ({"type": "item_reference", "item_reference": "sample.output_text"}, "data_source.input_messages.item_reference"),
-])
+@pytest.mark.parametrize(
+    "obj, param",
+    [
+        (None, "data_source.input_messages"),
+        ({"type": "magic"}, "data_source.input_messages.type"),
+        ({"type": "template", "template": []}, "data_source.input_messages.template"),
+        (
+            {"type": "template", "template": [{"role": "user", "content": "{{item.txt}}"}]},
+            "data_source.input_messages.template[0].content",
+        ),
+        (
+            {"type": "template", "template": [{"role": "user", "content": "{{sample.output_text}}"}]},
+            "data_source.input_messages.template[0].content",
+        ),
+        (
+            {"type": "template", "template": [{"role": "robot", "content": "x"}]},
+            "data_source.input_messages.template[0].role",
+        ),
+        ({"type": "template", "template": [{"role": "user"}]}, "data_source.input_messages.template[0].content"),
+        (
+            {"type": "template", "template": [{"role": "user", "content": {"type": "input_image", "image_url": "x"}}]},
+            "data_source.input_messages.template[0].content",
+        ),
+        ({"type": "template", "template": "{{item.nope}}"}, "data_source.input_messages.template"),
+        ({"type": "item_reference", "item_reference": "item.nope"}, "data_source.input_messages.item_reference"),
+        (
+            {"type": "item_reference", "item_reference": "sample.output_text"},
+            "data_source.input_messages.item_reference",
+        ),
+    ],
+)
 def test_bad_input_messages_name_the_field(obj, param):
     with pytest.raises(EvalSpecError) as e:
         parse_input_messages(obj, SCHEMA)

@@ -10,7 +10,7 @@ from app.evals import (
     EvalSpecError,
     content_rows,
     jsonl_rows,
-    metrics,
+    text_metrics,
     validate_eval,
     validate_jsonl,
     validate_rows,
@@ -87,11 +87,17 @@ def test_model_and_code_graders_are_refused_not_passed(kind):
 
 
 def test_text_similarity_metric_rules(monkeypatch):
-    assert spec_error(DSC, [{**SIMILARITY, "evaluation_metric": "cosine"}]).param == "testing_criteria[0].evaluation_metric"
-    assert spec_error(DSC, [{**SIMILARITY, "evaluation_metric": "bertscore"}]).param == "testing_criteria[0].evaluation_metric"
+    assert (
+        spec_error(DSC, [{**SIMILARITY, "evaluation_metric": "cosine"}]).param
+        == "testing_criteria[0].evaluation_metric"
+    )
+    assert (
+        spec_error(DSC, [{**SIMILARITY, "evaluation_metric": "bertscore"}]).param
+        == "testing_criteria[0].evaluation_metric"
+    )
     for bad in (1.5, -0.1, float("nan")):
         assert spec_error(DSC, [{**SIMILARITY, "pass_threshold": bad}]).param == "testing_criteria[0].pass_threshold"
-    monkeypatch.setattr(metrics, "wordnet_available", lambda: False)
+    monkeypatch.setattr(text_metrics, "wordnet_available", lambda: False)
     e = spec_error(DSC, [{**SIMILARITY, "evaluation_metric": "meteor"}])
     assert e.param == "testing_criteria[0].evaluation_metric" and "WordNet" in e.message
     for m in ("fuzzy_match", "gleu", "rouge_1", "rouge_5", "rouge_l", "chrf"):
@@ -113,8 +119,9 @@ def test_sample_namespace_needs_include_sample_schema():
     e = spec_error({**DSC, "include_sample_schema": False}, [STRING_CHECK])
     assert e.param == "testing_criteria[0].input"
     # Without a sample, an eval can still compare item fields with each other.
-    validate_eval({**DSC, "include_sample_schema": False},
-                  [{**STRING_CHECK, "input": "{{item.question}}", "operation": "ne"}])
+    validate_eval(
+        {**DSC, "include_sample_schema": False}, [{**STRING_CHECK, "input": "{{item.question}}", "operation": "ne"}]
+    )
 
 
 def test_eval_level_errors():
@@ -123,11 +130,17 @@ def test_eval_level_errors():
     assert spec_error(None, [STRING_CHECK]).param == "data_source_config"
     assert spec_error({**DSC, "type": "logs"}, [STRING_CHECK]).param == "data_source_config.type"
     assert spec_error({"type": "custom"}, [STRING_CHECK]).param == "data_source_config.item_schema"
-    assert spec_error({**DSC, "include_sample_schema": "yes"}, [STRING_CHECK]).param == "data_source_config.include_sample_schema"
+    assert (
+        spec_error({**DSC, "include_sample_schema": "yes"}, [STRING_CHECK]).param
+        == "data_source_config.include_sample_schema"
+    )
     assert spec_error({**DSC, "schema": {}}, [STRING_CHECK]).param == "data_source_config.schema"
     e = spec_error({**DSC, "item_schema": {"type": "object", "properties": {"q": {"type": "strng"}}}}, [STRING_CHECK])
     assert e.param.startswith("data_source_config.item_schema") and "not a valid JSON schema" in e.message
-    assert spec_error({**DSC, "item_schema": {"type": "string"}}, [STRING_CHECK]).param == "data_source_config.item_schema.type"
+    assert (
+        spec_error({**DSC, "item_schema": {"type": "string"}}, [STRING_CHECK]).param
+        == "data_source_config.item_schema.type"
+    )
     assert spec_error({**DSC, "item_schema": []}, [STRING_CHECK]).param == "data_source_config.item_schema"
 
 
@@ -135,19 +148,24 @@ def test_jsonl_rows_report_line_numbers():
     lines = [
         json.dumps({"item": {"question": "q1", "answer": "a1"}}),
         "",  # blank lines are skipped but counted
-        json.dumps({"item": {"question": "q2"}}),          # line 3: missing answer
-        "{not json",                                       # line 4
-        json.dumps({"question": "q5", "answer": "a5"}),   # line 5: no {"item": ...} wrapper
+        json.dumps({"item": {"question": "q2"}}),  # line 3: missing answer
+        "{not json",  # line 4
+        json.dumps({"question": "q5", "answer": "a5"}),  # line 5: no {"item": ...} wrapper
         json.dumps({"item": {"question": 6, "answer": "a6"}}).encode(),  # line 6: bytes, wrong type
-        b"\xff\xfe",                                       # line 7
+        b"\xff\xfe",  # line 7
     ]
     with pytest.raises(EvalSpecError) as e:
         validate_jsonl(lines, SCHEMA, param="data_source.source.id")
     msg = e.value.message
     assert e.value.param == "data_source.source.id"
     assert msg.startswith("5 rows do not match")
-    for part in ("line 3: item: 'answer' is a required property", "line 4: not JSON", 'line 5: expected an object',
-                 "line 6: item.question: 6 is not of type 'string'", "line 7: not UTF-8"):
+    for part in (
+        "line 3: item: 'answer' is a required property",
+        "line 4: not JSON",
+        "line 5: expected an object",
+        "line 6: item.question: 6 is not of type 'string'",
+        "line 7: not UTF-8",
+    ):
         assert part in msg
     assert "line 1" not in msg
 

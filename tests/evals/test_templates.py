@@ -13,11 +13,17 @@ from app.evals import (
     render_value,
 )
 
-SCHEMA = {"type": "object", "properties": {"q": {"type": "string"}, "a": {"type": "object", "properties": {"b": {"type": "string"}}}}}
+SCHEMA = {
+    "type": "object",
+    "properties": {"q": {"type": "string"}, "a": {"type": "object", "properties": {"b": {"type": "string"}}}},
+}
 
 
 def test_render_nested_and_sample():
-    assert render("{{item.q}} {{ item.a.b }} {{sample.output_text}}", {"q": "é", "a": {"b": "x"}}, {"output_text": ""}) == "é x "
+    assert (
+        render("{{item.q}} {{ item.a.b }} {{sample.output_text}}", {"q": "é", "a": {"b": "x"}}, {"output_text": ""})
+        == "é x "
+    )
 
 
 def test_render_non_strings_as_json_and_unicode_verbatim():
@@ -61,13 +67,21 @@ def test_schema_walk_follows_refs_combinators_and_open_levels():
     schema = {
         "type": "object",
         "$defs": {"ctx": {"type": "object", "properties": {"title": {"type": "string"}}}},
-        "properties": {"ctx": {"$ref": "#/$defs/ctx"}, "free": {"type": "object"},
-                       "open": {"type": "object", "properties": {"x": {}}, "additionalProperties": True}},
+        "properties": {
+            "ctx": {"$ref": "#/$defs/ctx"},
+            "free": {"type": "object"},
+            "open": {"type": "object", "properties": {"x": {}}, "additionalProperties": True},
+        },
         "allOf": [{"properties": {"extra": {"type": "string"}}}],
         "patternProperties": {"^meta_": {"type": "string"}},
     }
-    for ok in ("{{item.ctx.title}}", "{{item.free.anything.deep}}", "{{item.open.y}}", "{{item.extra}}",
-               "{{item.meta_source}}"):
+    for ok in (
+        "{{item.ctx.title}}",
+        "{{item.free.anything.deep}}",
+        "{{item.open.y}}",
+        "{{item.extra}}",
+        "{{item.meta_source}}",
+    ):
         check_template(ok, schema, "p")
     for bad in ("{{item.ctx.body}}", "{{item.missing}}"):
         with pytest.raises(EvalSpecError):
@@ -80,5 +94,7 @@ def test_render_value_raw_and_messages():
     assert render_value("{{item.t}}", {"t": ["B-PER", "O"]}) == ["B-PER", "O"]
     assert render_value(" {{item.t}} ", {"t": ["x"]}) == ["x"]
     assert render_value("tags: {{item.t}}", {"t": ["x"]}) == 'tags: ["x"]'
-    assert render_messages([{"role": "user", "content": "Q: {{item.q}}"}], {"q": "hi"}) == [{"role": "user", "content": "Q: hi"}]
+    assert render_messages([{"role": "user", "content": "Q: {{item.q}}"}], {"q": "hi"}) == [
+        {"role": "user", "content": "Q: hi"}
+    ]
     assert references("{{item.a.b}} {{sample.output_text}}") == [["item", "a", "b"], ["sample", "output_text"]]

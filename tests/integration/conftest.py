@@ -95,12 +95,32 @@ class WorkerProcess:
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 120.0) -> WorkerProcess:
-        cmd = [*self.cmd_prefix, sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker",
-               "-Q", self.queue, "-c", "1", "--pool", "solo", "--loglevel", "INFO", "-n", f"test-{uuid.uuid4().hex[:8]}@%h",
-               "--without-gossip", "--without-mingle", "--without-heartbeat"]
+        cmd = [
+            *self.cmd_prefix,
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "worker.celery_app",
+            "worker",
+            "-Q",
+            self.queue,
+            "-c",
+            "1",
+            "--pool",
+            "solo",
+            "--loglevel",
+            "INFO",
+            "-n",
+            f"test-{uuid.uuid4().hex[:8]}@%h",
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+        ]
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -147,11 +167,24 @@ class ServiceProcess:
 
     # -- processes --
     def start(self, timeout: float = 180.0) -> ServiceProcess:
-        cmd = [*self.cmd_prefix, sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory",
-               "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"]
+        cmd = [
+            *self.cmd_prefix,
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "app.main:create_app",
+            "--factory",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--log-level",
+            "warning",
+        ]
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -167,8 +200,12 @@ class ServiceProcess:
 
     def start_worker(self, timeout: float = 120.0) -> WorkerProcess:
         n = len(self.workers)
-        w = WorkerProcess(self.env, self.data_dir.parent / f"{self.data_dir.name}-worker{n}.log",
-                          queue=self.env.get("CELERY_QUEUE", "gpu"), cmd_prefix=self.cmd_prefix)
+        w = WorkerProcess(
+            self.env,
+            self.data_dir.parent / f"{self.data_dir.name}-worker{n}.log",
+            queue=self.env.get("CELERY_QUEUE", "gpu"),
+            cmd_prefix=self.cmd_prefix,
+        )
         self.workers.append(w)
         return w.start(timeout)
 
@@ -230,6 +267,7 @@ class ServiceProcess:
 
 
 # ---------------------------------------------------------------- backends (distributed)
+
 
 class DistributedBackends:
     """Creates fresh PostgreSQL databases, Redis db indexes and S3 buckets; removes them at close."""
@@ -305,13 +343,15 @@ class DistributedBackends:
         if broker:
             env["REDIS_URL"] = f"{REDIS_BASE}/{self._claim_redis_db()}"
         if blobs:
-            env.update({
-                "S3_BUCKET": f"prefixd-test-{uuid.uuid4().hex[:10]}",
-                "S3_ENDPOINT_URL": self._moto_endpoint(),
-                "AWS_ACCESS_KEY_ID": "testing",
-                "AWS_SECRET_ACCESS_KEY": "testing",
-                "S3_REGION": "us-east-1",
-            })
+            env.update(
+                {
+                    "S3_BUCKET": f"prefixd-test-{uuid.uuid4().hex[:10]}",
+                    "S3_ENDPOINT_URL": self._moto_endpoint(),
+                    "AWS_ACCESS_KEY_ID": "testing",
+                    "AWS_SECRET_ACCESS_KEY": "testing",
+                    "S3_REGION": "us-east-1",
+                }
+            )
         return env
 
     def close(self) -> None:
@@ -341,25 +381,34 @@ def distributed_backends():
 
 # ---------------------------------------------------------------- services
 
+
 def base_env(data_dir: Path, base_model: str | None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in _SCRUB}
-    env.update({
-        "DATA_DIR": str(data_dir),
-        "ADMIN_API_KEY": "sk-admin-test-" + secrets.token_hex(8),
-        "OMP_NUM_THREADS": "1",
-        "MKL_NUM_THREADS": "1",
-        "TORCH_THREADS": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "PYTHONUNBUFFERED": "1",
-        "PYTHONPATH": str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
-    })
+    env.update(
+        {
+            "DATA_DIR": str(data_dir),
+            "ADMIN_API_KEY": "sk-admin-test-" + secrets.token_hex(8),
+            "OMP_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1",
+            "TORCH_THREADS": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "PYTHONUNBUFFERED": "1",
+            "PYTHONPATH": str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
+        }
+    )
     if base_model:
         env["BASE_MODEL"] = str(base_model)
     return env
 
 
-def launch(tmp_root: Path, variant: str, base_model: str | None, backends: DistributedBackends | None,
-           env: dict[str, str] | None = None, worker: bool = False) -> ServiceProcess:
+def launch(
+    tmp_root: Path,
+    variant: str,
+    base_model: str | None,
+    backends: DistributedBackends | None,
+    env: dict[str, str] | None = None,
+    worker: bool = False,
+) -> ServiceProcess:
     data_dir = tmp_root / f"data-{variant}-{uuid.uuid4().hex[:6]}"
     data_dir.mkdir(parents=True)
     full = base_env(data_dir, base_model)
@@ -385,8 +434,12 @@ def start_service(tmp_path, tiny_base_dirs, request):
     """Factory: start_service(variant="embedded", env=None, worker=False, base_model=<tiny gpt2>)."""
     started: list[ServiceProcess] = []
 
-    def _start(variant: str = "embedded", env: dict[str, str] | None = None, worker: bool = False,
-               base_model: str | None = None) -> ServiceProcess:
+    def _start(
+        variant: str = "embedded",
+        env: dict[str, str] | None = None,
+        worker: bool = False,
+        base_model: str | None = None,
+    ) -> ServiceProcess:
         backends = request.getfixturevalue("distributed_backends") if variant == "distributed" else None
         svc = launch(tmp_path, variant, base_model or tiny_base_dirs["gpt2"], backends, env, worker)
         started.append(svc)
@@ -408,8 +461,7 @@ def embedded_service(tmp_path_factory, tiny_base_dirs):
 @pytest.fixture(scope="session")
 def distributed_service(tmp_path_factory, tiny_base_dirs, distributed_backends):
     """One shared distributed API process (PostgreSQL + Redis + S3/moto, no worker)."""
-    svc = launch(tmp_path_factory.mktemp("distributed"), "distributed", tiny_base_dirs["gpt2"],
-                 distributed_backends)
+    svc = launch(tmp_path_factory.mktemp("distributed"), "distributed", tiny_base_dirs["gpt2"], distributed_backends)
     yield svc
     svc.stop()
 

@@ -97,7 +97,7 @@ def _released_before(chunks_text: list[str], chunks_lps: list[list[str]]) -> Non
     none arrives before its text (and with the joined logprobs equal to the whole answer's, none
     after the chunk that releases it)."""
     sent_text, sent_tokens = "", ""
-    for text, tokens in zip(chunks_text, chunks_lps):
+    for text, tokens in zip(chunks_text, chunks_lps, strict=False):
         if tokens:
             start_of_last = len(sent_tokens) + len("".join(tokens[:-1]))
             sent_tokens += "".join(tokens)
@@ -130,7 +130,7 @@ def test_stream_logprobs_arrive_with_their_text_official_client(svc):
         if all(tok.isascii() for tok in full.tokens):
             # each chunk's logprobs are exactly the tokens of its text: with the stop string, a held
             # token goes with the later chunk that releases its text, not with the chunk of its step
-            assert all("".join(lp.tokens) == c.text for c, lp in zip(chunks, lps) if lp and c.text)
+            assert all("".join(lp.tokens) == c.text for c, lp in zip(chunks, lps, strict=False) if lp and c.text)
 
     msgs = [{"role": "user", "content": "hello"}]
     whole = client.chat.completions.create(model=BASE, messages=msgs, logprobs=True, top_logprobs=2, **kw)
@@ -166,7 +166,7 @@ def test_checkpoint_before_first_evaluation_omits_valid_loss(svc):
     from sqlalchemy.orm import Session
 
     from app.jobs import state
-    from app.store.models import Job
+    from app.store.tables import Job
 
     t = svc.make_tenant()
     client = svc.openai(t.key)
@@ -207,9 +207,13 @@ def test_penalties_and_logit_bias_over_http(svc):
     chat = client.chat.completions.create(model=BASE, messages=msgs, logit_bias={str(forced_id): 100},
                                           frequency_penalty=0.5, logprobs=True, **kw)
     assert [x.token for x in chat.choices[0].logprobs.content] == [forced.choices[0].logprobs.tokens[0]] * 6
-    for bad, param in (({"presence_penalty": 2.5}, "presence_penalty"), ({"frequency_penalty": -3}, "frequency_penalty"),
-                       ({"logit_bias": {"5": 101}}, "logit_bias"), ({"logit_bias": {"x": 1}}, "logit_bias"),
-                       ({"logit_bias": {"99999999": 1}}, "logit_bias")):
+    for bad, param in (
+        ({"presence_penalty": 2.5}, "presence_penalty"),
+        ({"frequency_penalty": -3}, "frequency_penalty"),
+        ({"logit_bias": {"5": 101}}, "logit_bias"),
+        ({"logit_bias": {"x": 1}}, "logit_bias"),
+        ({"logit_bias": {"99999999": 1}}, "logit_bias"),
+    ):
         with pytest.raises(openai.BadRequestError) as e:
             client.completions.create(model=BASE, prompt=prompt, **kw, **bad)
         assert e.value.body["param"] == param, (bad, e.value.body)
@@ -227,18 +231,31 @@ def test_documented_extensions_hold_official_client(svc):
     t = svc.make_tenant()
     client = svc.openai(t.key)
     fid = upload(t.client, rows(8))
-    job = client.fine_tuning.jobs.create(model=BASE, training_file=fid, method={
-        "type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 60}}})
+    job = client.fine_tuning.jobs.create(
+        model=BASE,
+        training_file=fid,
+        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 60}}},
+    )
     assert job.method.type == "prefix"
     method = t.client.get(f"/v1/fine_tuning/jobs/{job.id}").json()["method"]
     assert method["prefix"]["hyperparameters"]["n_epochs"] == 60 and "supervised" not in method
     with pytest.raises(openai.BadRequestError) as e:
-        client.fine_tuning.jobs.create(model=BASE, training_file=fid, method={
-            "type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 101}}})
+        client.fine_tuning.jobs.create(
+            model=BASE,
+            training_file=fid,
+            method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 101}}},
+        )
     assert e.value.body["param"] == "method.prefix.hyperparameters.n_epochs"
     with pytest.raises(openai.BadRequestError):
-        client.fine_tuning.jobs.create(model=BASE, training_file=fid, integrations=[{"type": "wandb", "wandb": {
-            "project": "x"}}])
-    chat = client.chat.completions.create(model=BASE, messages=[{"role": "user", "content": "hi"}], max_tokens=2,
-                                          prompt_cache_key="k", safety_identifier="u1", verbosity="low")
+        client.fine_tuning.jobs.create(
+            model=BASE, training_file=fid, integrations=[{"type": "wandb", "wandb": {"project": "x"}}]
+        )
+    chat = client.chat.completions.create(
+        model=BASE,
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=2,
+        prompt_cache_key="k",
+        safety_identifier="u1",
+        verbosity="low",
+    )
     assert chat.choices[0].message.role == "assistant"

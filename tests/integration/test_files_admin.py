@@ -133,11 +133,13 @@ def test_bad_admin_bodies(embedded_service):
     assert_envelope(a.post("/v1/admin/tenants", json={}), 400, "name")
     assert_envelope(a.post("/v1/admin/tenants", json={"name": ""}), 400, "name")
     assert_envelope(a.post("/v1/admin/tenants", json={"name": "x", "extra": 1}), 400, "extra")
-    assert_envelope(a.post("/v1/admin/tenants", content=b"{not json", headers={"content-type": "application/json"}), 400)
+    bad_json = a.post("/v1/admin/tenants", content=b"{not json", headers={"content-type": "application/json"})
+    assert_envelope(bad_json, 400)
     assert_envelope(a.post("/v1/admin/tenants", json=["x"]), 400)
 
 
 # ------------------------------------------------------------------ framework errors, request ids
+
 
 def test_framework_errors_use_the_envelope(embedded_service):
     c = embedded_service.client()
@@ -162,6 +164,7 @@ def test_openapi_declares_error_models(embedded_service):
 
 
 # ------------------------------------------------------------------ files
+
 
 def test_upload_validate_list_content_delete(embedded_service):
     svc = embedded_service
@@ -200,7 +203,9 @@ def test_upload_validate_list_content_delete(embedded_service):
     # list, filter, paginate
     lst = t.client.get("/v1/files").json()
     assert lst["object"] == "list" and len(lst["data"]) == 4 and lst["has_more"] is False
-    assert [x["id"] for x in t.client.get("/v1/files", params={"purpose": "base-train"}).json()["data"]] == [corpus["id"]]
+    assert [x["id"] for x in t.client.get("/v1/files", params={"purpose": "base-train"}).json()["data"]] == [
+        corpus["id"]
+    ]
     seen, after = [], None
     while True:
         page = t.client.get("/v1/files", params={"limit": 1, **({"after": after} if after else {})}).json()
@@ -223,8 +228,11 @@ def test_other_tenants_files_are_404(embedded_service):
     svc = embedded_service
     a, b = svc.make_tenant("A"), svc.make_tenant("B")
     fa = upload(a.client, GOOD).json()
-    for method, path in (("GET", f"/v1/files/{fa['id']}"), ("GET", f"/v1/files/{fa['id']}/content"),
-                         ("DELETE", f"/v1/files/{fa['id']}")):
+    for method, path in (
+        ("GET", f"/v1/files/{fa['id']}"),
+        ("GET", f"/v1/files/{fa['id']}/content"),
+        ("DELETE", f"/v1/files/{fa['id']}"),
+    ):
         err = assert_envelope(b.client.request(method, path), 404)
         assert "A" != err["message"]
     assert fa["id"] not in [f["id"] for f in b.client.get("/v1/files").json()["data"]]
@@ -238,7 +246,7 @@ def test_delete_file_used_by_active_job_is_409(embedded_service):
     from sqlalchemy import create_engine
     from sqlalchemy.orm import Session
 
-    from app.store.models import Job
+    from app.store.tables import Job
 
     svc = embedded_service
     t = svc.make_tenant()
@@ -290,6 +298,7 @@ def test_upload_limits_413_and_readyz_without_model(start_service):
 
 # ------------------------------------------------------------------ health and metrics
 
+
 def test_health_ready_metrics(embedded_service):
     c = embedded_service.client()
     assert c.get("/healthz").json() == {"status": "ok"}
@@ -316,6 +325,7 @@ def check_readyz_503_without_model(svc):
 
 # ------------------------------------------------------------------ distributed smoke
 
+
 def test_distributed_smoke(distributed_service):
     svc = distributed_service
     checks = svc.client().get("/readyz").json()["checks"]
@@ -333,6 +343,7 @@ def test_distributed_smoke(distributed_service):
 
 
 # ------------------------------------------------------------------ admin key file (no process)
+
 
 def test_embedded_admin_key_generated_once(tmp_path):
     import os

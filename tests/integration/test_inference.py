@@ -266,7 +266,8 @@ def test_context_check_counts_the_prefix(svc, tenant, tiny_base_dirs):
     assert r.status_code == 400
     msg = r.json()["error"]["message"]
     assert "256" in msg and "40" in msg and "240" in msg and r.json()["error"]["code"] == "context_length_exceeded"
-    r = tenant.client.post("/v1/chat/completions", json={"model": mid, "messages": [{"role": "user", "content": "x" * 2000}]})
+    long_chat = {"model": mid, "messages": [{"role": "user", "content": "x" * 2000}]}
+    r = tenant.client.post("/v1/chat/completions", json=long_chat)
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
 
 
@@ -276,8 +277,14 @@ def test_openai_client(svc, tenant, adapter_id):
     assert BASE in ids and adapter_id in ids
     c = client.completions.create(model=adapter_id, prompt="name: Aromi", max_tokens=5, temperature=0)
     assert c.choices[0].finish_reason in ("stop", "length") and c.usage.total_tokens > 0
-    stream = client.completions.create(model=adapter_id, prompt="name: Aromi", max_tokens=5, temperature=0,
-                                       stream=True, stream_options={"include_usage": True})
+    stream = client.completions.create(
+        model=adapter_id,
+        prompt="name: Aromi",
+        max_tokens=5,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     parts, usage = [], None
     for chunk in stream:
         if chunk.choices:
@@ -303,8 +310,13 @@ def small_svc(tmp_path_factory, tiny_base_dirs):
     """A service of our own: batch size 1 and a queue of 2, so saturation is easy to reach."""
     from tests.integration.conftest import launch
 
-    s = launch(tmp_path_factory.mktemp("inference"), "embedded", tiny_base_dirs["gpt2"], None,
-               env={"MAX_BATCH_SIZE": "1", "MAX_QUEUED_REQUESTS": "2", "BATCH_WINDOW_MS": "1"})
+    s = launch(
+        tmp_path_factory.mktemp("inference"),
+        "embedded",
+        tiny_base_dirs["gpt2"],
+        None,
+        env={"MAX_BATCH_SIZE": "1", "MAX_QUEUED_REQUESTS": "2", "BATCH_WINDOW_MS": "1"},
+    )
     s.wait_ready()
     yield s
     s.stop()
@@ -332,7 +344,7 @@ def test_queue_bound_answers_429_with_retry_after(small_svc):
     for th in threads:
         th.join()
     assert 429 in statuses and 200 in statuses and set(statuses) <= {200, 429}
-    assert all(h for s, h in zip(statuses, headers) if s == 429)
+    assert all(h for s, h in zip(statuses, headers, strict=False) if s == 429)
 
 
 def test_disconnect_frees_the_slot(small_svc):
@@ -344,16 +356,23 @@ def test_disconnect_frees_the_slot(small_svc):
     before = _metric(small_svc, "prefixd_generated_tokens_total")
     # a streaming client that reads one chunk and goes away
     with httpx.Client(base_url=small_svc.base_url, headers={"Authorization": f"Bearer {t.key}"}, timeout=30) as c:
-        with c.stream("POST", "/v1/completions", json={"model": BASE, "prompt": prompt, "max_tokens": 200,
-                                                         "temperature": 0, "stream": True}) as r:
+        with c.stream(
+            "POST",
+            "/v1/completions",
+            json={"model": BASE, "prompt": prompt, "max_tokens": 200, "temperature": 0, "stream": True},
+        ) as r:
             for _ in r.iter_lines():
                 break
     # a non-streaming client that gives up and goes away. The server notices that when it polls
     # (DISCONNECT_POLL_S, 0.25 s), and the tiny model can finish 200 tokens before that even after
     # the client timed out, so finishing is allowed here (no timing race).
     try:
-        httpx.post(small_svc.base_url + "/v1/completions", headers={"Authorization": f"Bearer {t.key}"},
-                   json={"model": BASE, "prompt": prompt, "max_tokens": 200, "temperature": 0}, timeout=0.05)
+        httpx.post(
+            small_svc.base_url + "/v1/completions",
+            headers={"Authorization": f"Bearer {t.key}"},
+            json={"model": BASE, "prompt": prompt, "max_tokens": 200, "temperature": 0},
+            timeout=0.05,
+        )
     except httpx.TimeoutException:
         pass
     time.sleep(1.0)
@@ -366,8 +385,8 @@ def test_disconnect_frees_the_slot(small_svc):
 
 
 def test_switch_served_base_and_adapter_409(small_svc, tiny_base_dirs):
-    from app.bases import register_base
     from app.config import Settings
+    from app.store.base_registry import register_base
     from app.store.blobs import make_blob_store
     from app.store.db import make_engine, make_session_factory
 

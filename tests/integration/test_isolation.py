@@ -124,7 +124,7 @@ def _infer(path: str, extra: dict):
 
 
 def _list(path: str, kind: str):
-    return lambda ctx: [(path, {"params": {"after": "{%s}" % kind}}, "same")]
+    return lambda ctx: [(path, {"params": {"after": "{" + kind + "}"}}, "same")]
 
 
 def _by_id(path: str):
@@ -168,7 +168,7 @@ ADMIN_BODIES = {
 def _subst(obj, ids: dict[str, str]):
     if isinstance(obj, str):
         for kind, value in ids.items():
-            obj = obj.replace("{%s}" % kind, value)
+            obj = obj.replace("{" + kind + "}", value)
         return obj
     if isinstance(obj, dict):
         return {k: _subst(v, ids) for k, v in obj.items()}

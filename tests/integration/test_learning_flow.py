@@ -53,7 +53,7 @@ MAX_TOKENS = 4  # a label is one token; the adapter learned to stop with EOS aft
 
 
 def exact_match(outputs: list[str]) -> float:
-    return sum(o == c for o, (_, c) in zip(outputs, UNSEEN)) / len(UNSEEN)
+    return sum(o == c for o, (_, c) in zip(outputs, UNSEEN, strict=False)) / len(UNSEEN)
 
 
 def concurrently(fn, prompts: list[str]) -> list[str]:
@@ -170,8 +170,8 @@ def test_prefix_job_teaches_the_task(start_service, learnable_base_dir, variant,
     em_tuned, em_base = exact_match(tuned), exact_match(plain)
     print(f"\n{variant}/{driver}: job {job['finished_at'] - job['created_at']} s; exact match on "
           f"{len(prompts)} unseen prompts: adapter {em_tuned:.3f}, base {em_base:.3f}")
-    assert em_tuned >= 0.9, list(zip(prompts, tuned))
-    assert em_base < 0.6, list(zip(prompts, plain))
+    assert em_tuned >= 0.9, list(zip(prompts, tuned, strict=False))
+    assert em_base < 0.6, list(zip(prompts, plain, strict=False))
 
     # the job's own held-out evaluation (CSV result file) tells the same story
     (rf,) = job["result_files"]
@@ -180,7 +180,7 @@ def test_prefix_job_teaches_the_task(start_service, learnable_base_dir, variant,
     assert float(rows[ft]["exact_match"]) >= 0.8 and float(rows[base]["exact_match"]) < 0.6
 
     # 4a. streaming (a prompt it got right): the same text as the non-streamed completion, then [DONE]
-    i0 = next(i for i, (out, (_, label)) in enumerate(zip(tuned, UNSEEN)) if out == label)
+    i0 = next(i for i, (out, (_, label)) in enumerate(zip(tuned, UNSEEN, strict=False)) if out == label)
     p0 = prompts[i0]
     r = t.client.post("/v1/completions", json={"model": ft, "prompt": p0, "max_tokens": MAX_TOKENS,
                                                "temperature": 0, "stream": True})

@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import select
 
 from app.store.db import make_engine, make_session_factory
-from app.store.models import File
+from app.store.tables import File
 from tests.integration.conftest import ServiceProcess
 
 pytestmark = pytest.mark.integration

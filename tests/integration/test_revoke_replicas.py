@@ -1,6 +1,6 @@
 """Two API replicas of one distributed deployment (one PostgreSQL, one Redis): revoking a key or
 suspending a tenant through replica 1 ends the requests that replica 2 already holds, queued for
-its batch or decoding (app/stop_broadcast.py: Redis pub/sub). The single-replica test, whose
+its batch or decoding (app/tenancy/stop_broadcast.py: Redis pub/sub). The single-replica test, whose
 streams and checks this mirrors, is tests/integration/test_revoke_inflight.py.
 
 Replica 1 is the session's `distributed_service`; replica 2 is a second API process on the same
@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from app.stop_broadcast import channel_for
+from app.tenancy.stop_broadcast import channel_for
 from tests.integration.conftest import ServiceProcess
 from tests.integration.test_inference import BASE
 from tests.integration.test_revoke_inflight import Stream

@@ -61,10 +61,14 @@ def svc(embedded_service):
 def test_a_tenants_bad_rows_fail_alone_and_b_keeps_every_token(svc, tiny_base_dirs):
     a, b = svc.make_tenant(), svc.make_tenant()
     base = next(m["id"] for m in b.client.get("/v1/models").json()["data"] if m["kind"] == "base" and m["served"])
-    r = a.client.post("/v1/models/import", files={"file": ("h.zip", hostile_zip(tiny_base_dirs["gpt2"]), "application/zip")})
+    r = a.client.post(
+        "/v1/models/import", files={"file": ("h.zip", hostile_zip(tiny_base_dirs["gpt2"]), "application/zip")}
+    )
     assert r.status_code == 201, r.text
     hostile = r.json()["id"]
-    r = a.client.post("/v1/models/import", files={"file": ("p.zip", peft_zip(tiny_base_dirs["gpt2"], 4, 1), "application/zip")})
+    r = a.client.post(
+        "/v1/models/import", files={"file": ("p.zip", peft_zip(tiny_base_dirs["gpt2"], 4, 1), "application/zip")}
+    )
     assert r.status_code == 201, r.text
     fine = r.json()["id"]
 
@@ -107,9 +111,12 @@ def test_a_tenants_bad_rows_fail_alone_and_b_keeps_every_token(svc, tiny_base_di
 
 def test_a_streamed_row_that_fails_ends_with_the_error_event(svc, tiny_base_dirs):
     a = svc.make_tenant()
-    r = a.client.post("/v1/models/import", files={"file": ("h.zip", hostile_zip(tiny_base_dirs["gpt2"]), "application/zip")})
+    r = a.client.post(
+        "/v1/models/import", files={"file": ("h.zip", hostile_zip(tiny_base_dirs["gpt2"]), "application/zip")}
+    )
     assert r.status_code == 201, r.text
-    with a.client.stream("POST", "/v1/completions", json={"model": r.json()["id"], "prompt": "x", "max_tokens": 5,
-                                                          "stream": True}) as resp:
+    with a.client.stream(
+        "POST", "/v1/completions", json={"model": r.json()["id"], "prompt": "x", "max_tokens": 5, "stream": True}
+    ) as resp:
         text = "".join(resp.iter_text())
     assert '"code":"generation_failed"' in text and text.rstrip().endswith("data: [DONE]")

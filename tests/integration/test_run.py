@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.integration.conftest import ROOT, _SCRUB, free_port
+from tests.integration.conftest import _SCRUB, ROOT, free_port
 from tests.integration.test_jobs import rows, small, upload, wait_status
 
 pytestmark = pytest.mark.integration

@@ -2,7 +2,7 @@
 the test mounts in a mount namespace of its own (`unshare --mount`, as root; skipped with the
 reason where mounting is refused). The test fills it through /proc/<holder>/root and checks that
 uploads get 507 storage_full, /readyz says so, deletes still work, and all is well once space is
-freed. The same faults injected in-process: tests/test_storage_full.py."""
+freed. The same faults injected in-process: tests/jobs/test_storage_full.py."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,7 +70,9 @@ def small_disk(tmp_path):
     line = holder.stdout.readline().strip()
     if line != "mounted":
         holder.wait(10)
-        pytest.skip(f"cannot mount a tmpfs in a new mount namespace: {holder.stderr.read().strip() or holder.returncode}")
+        pytest.skip(
+            f"cannot mount a tmpfs in a new mount namespace: {holder.stderr.read().strip() or holder.returncode}"
+        )
     view = Path(f"/proc/{holder.pid}/root") / mnt.relative_to("/")
     assert shutil.disk_usage(view).total <= DISK_BYTES  # the tmpfs, not the directory under it
     try:
@@ -82,8 +83,9 @@ def small_disk(tmp_path):
 
 
 def _jsonl(n_rows: int, width: int = 100) -> bytes:
-    return "".join(json.dumps({"prompt": f"row {i} " + "x" * width, "completion": " y"}) + "\n"
-                   for i in range(n_rows)).encode()
+    return "".join(
+        json.dumps({"prompt": f"row {i} " + "x" * width, "completion": " y"}) + "\n" for i in range(n_rows)
+    ).encode()
 
 
 def test_a_full_disk_answers_507_keeps_deletes_working_and_recovers(small_disk, tiny_base_dirs, tmp_path):
@@ -91,8 +93,15 @@ def test_a_full_disk_answers_507_keeps_deletes_working_and_recovers(small_disk, 
     (small_disk.view / "data").mkdir()
     (small_disk.view / "tmp").mkdir()
     env = base_env(data_dir, tiny_base_dirs["gpt2"])
-    env.update({"TMPDIR": str(spool), "SERVING_ENABLED": "0", "STORAGE_MIN_FREE_BYTES": str(FLOOR),
-                "STORAGE_RESERVE_BYTES": str(RESERVE), "JOB_MONITOR_INTERVAL_S": "60"})
+    env.update(
+        {
+            "TMPDIR": str(spool),
+            "SERVING_ENABLED": "0",
+            "STORAGE_MIN_FREE_BYTES": str(FLOOR),
+            "STORAGE_RESERVE_BYTES": str(RESERVE),
+            "JOB_MONITOR_INTERVAL_S": "60",
+        }
+    )
     svc = ServiceProcess(env, tmp_path / "svc")
     svc.cmd_prefix = small_disk.enter
     try:

@@ -16,9 +16,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from safetensors.torch import save as st_save
 from transformers import AutoModelForCausalLM
 
-from app.ml.base import load_base
 from app.ml.adapter import (
     META_FILE,
     PEFT_CONFIG_FILE,
@@ -41,9 +41,9 @@ from app.ml.adapter import (
     save_adapter,
     serialize_adapter,
 )
+from app.ml.base import load_base
 from app.ml.kvcache import FrozenPrefixCache, batch_prefixes, positions_from_mask
 from app.ml.prefix import PrefixConfig, PrefixEncoder
-from safetensors.torch import save as st_save
 
 peft = pytest.importorskip("peft")
 
@@ -148,13 +148,15 @@ def test_key_values_layout(bases):
     assert kv[0][0].dtype == torch.float16
     # layer 1's values are block 3 of the table (PEFT layout)
     block = g.num_kv_heads * g.head_dim
-    assert torch.equal(kv[1][1].float().permute(1, 0, 2).reshape(3, -1), a.table[:, 3 * block : 4 * block].half().float())
+    values = kv[1][1].float().permute(1, 0, 2).reshape(3, -1)
+    assert torch.equal(values, a.table[:, 3 * block : 4 * block].half().float())
 
 
 def test_from_encoder_folds_projection(bases):
     g = bases["gpt2"].geometry
-    enc = PrefixEncoder(PrefixConfig(g.num_layers, g.num_kv_heads, g.head_dim, 4, prefix_projection=True,
-                                     projection_hidden_size=8))
+    enc = PrefixEncoder(
+        PrefixConfig(g.num_layers, g.num_kv_heads, g.head_dim, 4, prefix_projection=True, projection_hidden_size=8)
+    )
     a = Adapter.from_encoder(enc, "fp")
     assert not a.config.prefix_projection
     assert torch.allclose(a.table, enc().detach())
@@ -206,7 +208,9 @@ def test_deserialize_rejects_bad_input(bases, case, needle):
         "extra_tensor": lambda: _with_table(files, {"prefix_table": good, "x": good.clone()}),
         "wrong_shape": lambda: _with_table(files, {"prefix_table": good[:3]}),
         "meta_geometry": lambda: _mutated(files, num_kv_heads=2),
-        "nan": lambda: _with_table(files, {"prefix_table": good.clone().index_fill_(0, torch.tensor([1]), float("nan"))}),
+        "nan": lambda: _with_table(
+            files, {"prefix_table": good.clone().index_fill_(0, torch.tensor([1]), float("nan"))}
+        ),
         "int_dtype": lambda: _with_table(files, {"prefix_table": good.long()}),
         "newer_version": lambda: _mutated(files, format_version=99),
         "no_fingerprint": lambda: _mutated(files, base_fingerprint=""),
@@ -252,7 +256,10 @@ def test_peft_loads_our_export_with_same_logits(bases, tiny_base_dirs, tmp_path,
     peft_model = PeftModel.from_pretrained(_fresh_model(tiny_base_dirs[arch]), str(out)).eval()
     cfg = peft_model.peft_config["default"]
     assert (cfg.num_layers, cfg.num_attention_heads, cfg.token_dim) == (
-        base.geometry.num_layers, base.geometry.num_kv_heads, base.geometry.num_kv_heads * base.geometry.head_dim)
+        base.geometry.num_layers,
+        base.geometry.num_kv_heads,
+        base.geometry.num_kv_heads * base.geometry.head_dim,
+    )
     assert torch.equal(peft_model.prompt_encoder["default"].embedding.weight, a.table)
 
     ids = torch.tensor(PROMPT)
@@ -277,8 +284,10 @@ def test_import_peft_trained_prefix_gives_peft_logits(bases, tiny_base_dirs, tmp
     path = tiny_base_dirs[arch]
     torch.manual_seed(0)
     kwargs = dict(encoder_hidden_size=16) if projection else {}
-    trainee = get_peft_model(_fresh_model(path), PrefixTuningConfig(
-        task_type="CAUSAL_LM", num_virtual_tokens=5, prefix_projection=projection, **kwargs))
+    trainee = get_peft_model(
+        _fresh_model(path),
+        PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5, prefix_projection=projection, **kwargs),
+    )
     trainee.train()
     opt = torch.optim.Adam([p for p in trainee.parameters() if p.requires_grad], lr=0.05)
     batch = torch.tensor([[3, 4, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14]])
@@ -312,7 +321,9 @@ def test_peft_left_padding_convention(bases, tiny_base_dirs, tmp_path):
 
     base = bases["gpt2"]
     a = _random_adapter(base, P=4, seed=5)
-    peft_model = PeftModel.from_pretrained(_fresh_model(tiny_base_dirs["gpt2"]), str(export_peft(a, tmp_path / "p"))).eval()
+    peft_model = PeftModel.from_pretrained(
+        _fresh_model(tiny_base_dirs["gpt2"]), str(export_peft(a, tmp_path / "p"))
+    ).eval()
     ids = torch.tensor([[0, 0, 5, 6, 7], [1, 2, 3, 4, 5]])
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
     ours = _engine_logits(base, a, ids, mask)

@@ -427,5 +427,5 @@ def test_device_and_serving_dtype_settings(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     assert resolve_serving_dtype("auto", gpu) is torch.bfloat16
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    assert resolve_serving_dtype("auto", gpu) is torch.float16 and resolve_serving_dtype("float32", gpu) is torch.float32
-
+    assert resolve_serving_dtype("auto", gpu) is torch.float16
+    assert resolve_serving_dtype("float32", gpu) is torch.float32

@@ -26,7 +26,7 @@ def _first_token_accuracy(base, table, pcfg, examples) -> float:
     reqs = [GenerationRequest(encode_prompt(base.tokenizer, e.prompt), prefix=kv, max_tokens=1, temperature=0)
             for e in examples]
     firsts = [base.tokenizer(e.completion, add_special_tokens=False)["input_ids"][0] for e in examples]
-    return sum(r.token_ids[0] == f for r, f in zip(generate(base, reqs), firsts)) / len(examples)
+    return sum(r.token_ids[0] == f for r, f in zip(generate(base, reqs), firsts, strict=False)) / len(examples)
 
 
 def test_prefix_training_on_cuda_learns_in_bf16_autocast_and_leaves_the_base_as_it_was():
@@ -52,11 +52,14 @@ def test_mixed_prefix_batch_on_cuda_equals_rows_alone(tiny_base_dirs):
     base = load_base(tiny_base_dirs["llama"], device="cuda")
     prefixes = [_prefix(base, 3, 1), _prefix(base, 9, 2), None, _prefix(base, 5, 3)]
     prefixes = [None if p is None else [(k.cuda(), v.cuda()) for k, v in p] for p in prefixes]
-    reqs = [GenerationRequest(p, prefix=x, max_tokens=6, temperature=0, logprobs=2) for p, x in zip(PROMPTS, prefixes)]
+    reqs = [
+        GenerationRequest(p, prefix=x, max_tokens=6, temperature=0, logprobs=2)
+        for p, x in zip(PROMPTS, prefixes, strict=False)
+    ]
     batch = generate(base, reqs)
-    for req, res in zip(reqs, batch):
+    for req, res in zip(reqs, batch, strict=False):
         alone = generate(base, [req])[0]
-        for j, (a, b) in enumerate(zip(alone.token_ids, res.token_ids)):
+        for j, (a, b) in enumerate(zip(alone.token_ids, res.token_ids, strict=False)):
             # cuBLAS may pick another algorithm for another batch size: tokens agree up to a near
             # tie of the row's top two, and the log-probs agree closely
             assert abs(alone.logprobs[j].logprob - res.logprobs[j].logprob) < 1e-3

@@ -51,7 +51,9 @@ def test_chat_record_uses_tokenizer_template(tok):
         "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
         "{% if add_generation_prompt %}<assistant>{% endif %}"
     )
-    ex = example_from_record({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]}, t)
+    ex = example_from_record(
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]}, t
+    )
     assert ex == Example("<user>Hi<assistant>", "Yo")
     assert format_chat([{"role": "user", "content": "Hi"}], t, add_generation_prompt=False) == "<user>Hi"
 
@@ -70,7 +72,7 @@ def test_truncation_keeps_completion_and_prompt_end(tok):
     c = ids(tok, ex.completion) + [tok.eos_token_id]
     t = tokenize_example(ex, tok, max_seq_len=len(c) + 3)
     assert len(t) == len(c) + 3
-    assert t.input_ids[-len(c):] == c and t.labels[-len(c):] == c
+    assert t.input_ids[-len(c) :] == c and t.labels[-len(c) :] == c
     assert t.input_ids[:3] == ids(tok, ex.prompt)[-3:]  # prompt cut from the left
     # a completion longer than the budget keeps its start and one prompt token
     t = tokenize_example(Example("a", " the quick brown fox"), tok, max_seq_len=3)
@@ -88,7 +90,7 @@ def test_collate_left_pads(tok):
     assert batch["input_ids"].shape == (2, L)
     assert batch["attention_mask"][1].tolist() == [0] * (L - len(b)) + [1] * len(b)
     assert batch["labels"][1, : L - len(b)].eq(IGNORE_INDEX).all()
-    assert batch["input_ids"][1, L - len(b):].tolist() == b.input_ids
+    assert batch["input_ids"][1, L - len(b) :].tolist() == b.input_ids
 
 
 def test_bucket_batches_deterministic_complete_and_tight():

@@ -5,6 +5,7 @@ import torch
 from transformers import DynamicCache
 
 from app.ml.base import load_base
+from app.ml.data import encode_prompt
 from app.ml.evaluate import (
     compare,
     completion_nll,
@@ -15,7 +16,6 @@ from app.ml.evaluate import (
     group_references,
     normalize_text,
 )
-from app.ml.data import encode_prompt
 from app.ml.prefix import PrefixConfig, PrefixEncoder
 
 PAIRS = [
@@ -30,7 +30,9 @@ PAIRS = [
 def _prefix(base, P=4, seed=0):
     torch.manual_seed(seed)
     g = base.geometry
-    return PrefixEncoder(PrefixConfig(g.num_layers, g.num_kv_heads, g.head_dim, num_virtual_tokens=P)).requires_grad_(False)
+    return PrefixEncoder(PrefixConfig(g.num_layers, g.num_kv_heads, g.head_dim, num_virtual_tokens=P)).requires_grad_(
+        False
+    )
 
 
 def _manual_nll(base, pairs, prefix=None):
@@ -112,7 +114,7 @@ def test_generated_metrics_in_range_and_exact_match(tiny_base_dirs):
     max_new = 6
     own = [_reference_greedy(base, p, max_new) for p in prompts]
     # references = the model's own greedy outputs: everything matches
-    mine = [(p, o) for p, o in zip(prompts, own)]
+    mine = [(p, o) for p, o in zip(prompts, own, strict=False)]
     m = evaluate(base, mine, max_new_tokens=max_new, batch_size=2, return_generations=True)
     assert [g["text"] for g in m["generations"]] == own
     assert m["exact_match"] == 1.0

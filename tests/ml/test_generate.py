@@ -11,13 +11,13 @@ from app.ml.base import load_base
 from app.ml.generate import (
     GenerationRequest,
     IncrementalDetokenizer,
-    classify,
-    generate,
     _nucleus,
+    classify,
+    draw_uniforms,
+    generate,
     greedy_tokens,
     max_context,
     partial_stop_len,
-    draw_uniforms,
     sample_tokens,
     score,
 )
@@ -82,7 +82,7 @@ def _reference_greedy(base, prompt, prefix, max_tokens):
 
 def _requests(base, **kw):
     prefixes = [_prefix(base, 3, 1), _prefix(base, 9, 2), None, _prefix(base, 5, 3)]
-    return [GenerationRequest(p, prefix=x, **kw) for p, x in zip(PROMPTS, prefixes)]
+    return [GenerationRequest(p, prefix=x, **kw) for p, x in zip(PROMPTS, prefixes, strict=False)]
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2"])
@@ -91,7 +91,7 @@ def test_greedy_matches_from_scratch_loop_and_rows_alone(bases, arch):
     reqs = _requests(base, max_tokens=6, temperature=0)
     batch = generate(base, reqs)
     changed = False
-    for req, res in zip(reqs, batch):
+    for req, res in zip(reqs, batch, strict=False):
         ref = _reference_greedy(base, req.prompt_ids, req.prefix, req.max_tokens)
         assert res.token_ids == ref
         assert generate(base, [req])[0].token_ids == ref  # alone == in the mixed batch
@@ -109,7 +109,7 @@ def test_sampling_seeded_per_row(bases):
     for i, r in enumerate(reqs):
         r.seed = 100 + i
     batch = generate(base, reqs)
-    for req, res in zip(reqs, batch):
+    for req, res in zip(reqs, batch, strict=False):
         assert generate(base, [req])[0].token_ids == res.token_ids  # neighbours don't matter
     again = generate(base, reqs)
     assert [r.token_ids for r in again] == [r.token_ids for r in batch]
@@ -164,9 +164,12 @@ def test_sample_tokens_rows_do_not_depend_on_their_neighbours():
     reqs = [GenerationRequest([1], temperature=t, top_k=k, top_p=p)
             for t, k, p in [(1.0, 0, 0.9), (0.7, 40, 1.0), (1.3, 0, 0.95), (1.0, 0, 1.0), (0.9, 5, 0.5), (1.0, 0, 0.3)]]
     for seed in range(20):
-        batch = sample_tokens(logits, reqs, draw_uniforms([torch.Generator().manual_seed(seed * 10 + i) for i in range(6)]))
-        alone = [sample_tokens(logits[i : i + 1], [reqs[i]], draw_uniforms([torch.Generator().manual_seed(seed * 10 + i)]))[0]
-                 for i in range(6)]
+        gens = [torch.Generator().manual_seed(seed * 10 + i) for i in range(6)]
+        batch = sample_tokens(logits, reqs, draw_uniforms(gens))
+        alone = []
+        for i in range(6):  # a fresh generator per row, seeded as in the batch
+            row_gen = torch.Generator().manual_seed(seed * 10 + i)
+            alone.append(sample_tokens(logits[i : i + 1], [reqs[i]], draw_uniforms([row_gen]))[0])
         assert batch == alone
 
 
@@ -318,16 +321,16 @@ def test_finished_and_aborted_rows_leave_the_batch(bases):
     for i in (0, 2, 3):
         assert res[i].token_ids == plain[i].token_ids and res[i].finish_reason == plain[i].finish_reason
     # prefill 4 rows; rows 0 (2 tokens), 1 (abort after 3) and 2 (4 tokens) drop out as they end
-    if all(len(r.token_ids) == r.completion_tokens == q.max_tokens for r, q in zip(plain, reqs)):
+    if all(len(r.token_ids) == r.completion_tokens == q.max_tokens for r, q in zip(plain, reqs, strict=False)):
         assert wrapped.model.batch_sizes == [4, 4, 3, 2, 1, 1]
 
 
 def test_logprobs_agree_with_score(bases):
     base = bases["qwen2"]
     reqs = _requests(base, max_tokens=4, temperature=0, logprobs=3)
-    for req, res in zip(reqs, generate(base, reqs)):
+    for req, res in zip(reqs, generate(base, reqs), strict=False):
         assert len(res.logprobs) == len(res.token_ids)
-        for lp, t in zip(res.logprobs, res.token_ids):
+        for lp, t in zip(res.logprobs, res.token_ids, strict=False):
             assert lp.token_id == t and len(lp.top) == 3 and lp.top[0][0] == t  # greedy: chosen = top-1
             assert lp.top[0][2] >= lp.top[1][2] >= lp.top[2][2]
         total = sum(lp.logprob for lp in res.logprobs)
@@ -339,19 +342,21 @@ def test_logprobs_of_rows_asking_for_different_alternatives(bases):
     row gets what it gets alone."""
     base = bases["llama"]
     reqs = _requests(base, max_tokens=3, temperature=0.9, seed=5)
-    for r, k in zip(reqs, [3, 0, None, 1]):
+    for r, k in zip(reqs, [3, 0, None, 1], strict=False):
         r.logprobs = k
     batch = generate(base, reqs)
-    for req, res in zip(reqs, batch):
+    for req, res in zip(reqs, batch, strict=False):
         alone = generate(base, [req])[0]
         if req.logprobs is None:
             assert res.logprobs is None
             continue
         assert [len(lp.top) for lp in res.logprobs] == [req.logprobs] * len(res.token_ids)
-        for a, b in zip(res.logprobs, alone.logprobs):  # values: the forward rounds a batch a little differently
+        for a, b in zip(
+            res.logprobs, alone.logprobs, strict=False
+        ):  # values: the forward rounds a batch a little differently
             assert (a.token_id, a.token) == (b.token_id, b.token) and abs(a.logprob - b.logprob) < 1e-5
             assert [t[:2] for t in a.top] == [t[:2] for t in b.top]
-            assert all(abs(x[2] - y[2]) < 1e-5 for x, y in zip(a.top, b.top))
+            assert all(abs(x[2] - y[2]) < 1e-5 for x, y in zip(a.top, b.top, strict=False))
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
@@ -360,12 +365,14 @@ def test_score_equals_single_row_forward(bases, arch):
     prefix = _prefix(base, 6, 11)
     prompt, cands = [5, 9, 33, 2], [[17], [40, 41, 42], [8, 8]]
     got = score(base, prompt, cands, prefix)
-    for c, s in zip(cands, got):
+    for c, s in zip(cands, got, strict=False):
         ids = prompt + c
         mask = torch.ones(1, 6 + len(ids), dtype=torch.long)
         with torch.no_grad():
             logits = base.model(
-                input_ids=torch.tensor([ids]), attention_mask=mask, position_ids=positions_from_mask(mask, len(ids)),
+                input_ids=torch.tensor([ids]),
+                attention_mask=mask,
+                position_ids=positions_from_mask(mask, len(ids)),
                 cache=FrozenPrefixCache([(k[None], v[None]) for k, v in prefix]),
             ).logits[0]
         lp = logits.log_softmax(-1)
@@ -400,8 +407,9 @@ def test_rows_joining_a_running_batch_equal_rows_alone(bases, arch):
         "a": GenerationRequest([5, 6, 7], prefix=_prefix(base, 3, 1), max_tokens=9, temperature=0),
         "b": GenerationRequest([40, 41], max_tokens=4, temperature=0),
         # joins after 2 steps with a longer prompt and prefix than the running cache holds
-        "c": GenerationRequest([100, 3, 77, 9, 12, 13, 14, 15, 16, 17], prefix=_prefix(base, 9, 2), max_tokens=6,
-                               temperature=0),
+        "c": GenerationRequest(
+            [100, 3, 77, 9, 12, 13, 14, 15, 16, 17], prefix=_prefix(base, 9, 2), max_tokens=6, temperature=0
+        ),
         # joins after 5 steps (b has left) with a short prompt and a short prefix
         "d": GenerationRequest([12], prefix=_prefix(base, 2, 3), max_tokens=5, temperature=0),
         "e": GenerationRequest([8, 9], max_tokens=3, temperature=0),
@@ -427,19 +435,22 @@ def test_rows_with_the_same_prompt_and_prefix_share_one_prefill(bases):
     base = bases["llama"]
     prefix = _prefix(base, 4, 1)
     reqs = [GenerationRequest(PROMPTS[0], prefix=prefix, max_tokens=6, temperature=1.5, seed=s) for s in (1, 2, 3)]
-    reqs += [GenerationRequest(PROMPTS[1], prefix=prefix, max_tokens=6, temperature=0),
-             GenerationRequest(PROMPTS[0], prefix=None, max_tokens=6, temperature=0)]  # no prefix: another row
+    reqs += [
+        GenerationRequest(PROMPTS[1], prefix=prefix, max_tokens=6, temperature=0),
+        GenerationRequest(PROMPTS[0], prefix=None, max_tokens=6, temperature=0),
+    ]  # no prefix: another row
     rows_per_forward = []
     generate(base, reqs[-1:])  # the engine's first call checks the model's head on a short input
     hook = base.model.base_model.register_forward_pre_hook(
-        lambda m, args, kwargs: rows_per_forward.append(kwargs["input_ids"].shape), with_kwargs=True)
+        lambda m, args, kwargs: rows_per_forward.append(kwargs["input_ids"].shape), with_kwargs=True
+    )
     try:
         batch = generate(base, reqs)
     finally:
         hook.remove()
     assert rows_per_forward[0] == (3, max(len(PROMPTS[0]), len(PROMPTS[1])))  # 3 distinct prefills for 5 rows
     assert all(shape[0] == 5 for shape in rows_per_forward[1:3])  # then all 5 rows decode
-    for req, res in zip(reqs, batch):
+    for req, res in zip(reqs, batch, strict=False):
         assert generate(base, [req])[0].token_ids == res.token_ids
     assert len({tuple(r.token_ids) for r in batch[:3]}) > 1  # the copies sample on their own
 
@@ -451,7 +462,8 @@ def test_dropped_rows_leave_and_the_rest_go_on(bases):
     reqs = _requests(base, max_tokens=6, temperature=0)
     batch = DecodeBatch(base)
     assert batch.add(reqs[:2] + [GenerationRequest([7], max_tokens=0)], ["x", "y", "z"]) == [
-        ("z", generate(base, [GenerationRequest([7], max_tokens=0)])[0])]
+        ("z", generate(base, [GenerationRequest([7], max_tokens=0)])[0])
+    ]
     batch.step()
     dropped = dict(batch.drop(["x"]))
     assert dropped["x"].finish_reason == "abort" and len(dropped["x"].token_ids) == 1 and batch.keys == ["y"]
@@ -459,7 +471,7 @@ def test_dropped_rows_leave_and_the_rest_go_on(bases):
     got = {}
     while len(batch):
         got.update(batch.step())
-    for k, req in zip("yuv", reqs[1:]):
+    for k, req in zip("yuv", reqs[1:], strict=False):
         assert got[k].token_ids == generate(base, [req])[0].token_ids
 
 
@@ -479,15 +491,20 @@ def test_rows_of_very_different_lengths_equal_rows_alone(bases, monkeypatch):
     from app.ml import generate as gen
 
     base = bases["llama"]
-    short = [GenerationRequest([7 + i, 8], prefix=_prefix(base, 2 + i, i), max_tokens=4, temperature=0)
-             for i in range(3)]
-    long = [GenerationRequest(list(range(20, 20 + 90 + i)), prefix=_prefix(base, 3, 9) if i else None,
-                              max_tokens=4, temperature=0) for i in range(3)]
+    short = [
+        GenerationRequest([7 + i, 8], prefix=_prefix(base, 2 + i, i), max_tokens=4, temperature=0) for i in range(3)
+    ]
+    long = [
+        GenerationRequest(
+            list(range(20, 20 + 90 + i)), prefix=_prefix(base, 3, 9) if i else None, max_tokens=4, temperature=0
+        )
+        for i in range(3)
+    ]
     reqs = [short[0], long[0], short[1], long[1], short[2], long[2]]
     monkeypatch.setattr(gen, "PAD_WASTE_MIN_TOKENS", 0)  # so that this small batch splits
     assert len(gen.prefill_groups([len(r.prompt_ids) for r in reqs])) == 2
     batch = generate(base, reqs)
-    for req, res in zip(reqs, batch):
+    for req, res in zip(reqs, batch, strict=False):
         assert res.token_ids == generate(base, [req])[0].token_ids
 
 

@@ -155,7 +155,8 @@ def test_a_token_outside_the_vocabulary_fails_its_row_alone(base, alone):
 def test_tiny_temperatures_decode_greedily_and_tiny_top_p_is_refused(base):
     greedy = generate(base, [GenerationRequest([5, 6, 7], max_tokens=6, temperature=0)])[0].token_ids
     for t in (1e-300, 5e-324, 1e-40, MIN_TEMPERATURE / 2):
-        assert generate(base, [GenerationRequest([5, 6, 7], max_tokens=6, temperature=t, seed=1)])[0].token_ids == greedy
+        tiny_t = GenerationRequest([5, 6, 7], max_tokens=6, temperature=t, seed=1)
+        assert generate(base, [tiny_t])[0].token_ids == greedy
     # at the bound sampling is well defined, even for logits far larger than a model's
     big = torch.tensor([[3e3, 2.9e3, -3e3]])
     req = GenerationRequest([1], temperature=MIN_TEMPERATURE, top_p=MIN_TOP_P)
@@ -166,9 +167,12 @@ def test_tiny_temperatures_decode_greedily_and_tiny_top_p_is_refused(base):
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(temperature=st.one_of(st.floats(0, 2), st.sampled_from([1e-300, 5e-324, 1e-38, 1e-45, MIN_TEMPERATURE])),
-       top_p=st.one_of(st.floats(MIN_TOP_P, 1), st.sampled_from([MIN_TOP_P, 1e-7, 1.0])),
-       top_k=st.integers(0, 300), seed=st.integers(0, 2**31))
+@given(
+    temperature=st.one_of(st.floats(0, 2), st.sampled_from([1e-300, 5e-324, 1e-38, 1e-45, MIN_TEMPERATURE])),
+    top_p=st.one_of(st.floats(MIN_TOP_P, 1), st.sampled_from([MIN_TOP_P, 1e-7, 1.0])),
+    top_k=st.integers(0, 300),
+    seed=st.integers(0, 2**31),
+)
 def test_no_sampling_parameters_change_a_neighbour(base, alone, temperature, top_p, top_k, seed):
     faulty = GenerationRequest([2, 3, 4], max_tokens=4, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
     mine, theirs = with_faulty_middle_row(base, faulty)

@@ -59,7 +59,7 @@ class FakeBatch:
             raise ValueError("bad row")
         self.base.batches.append([r.tag for r in requests])
         self.base.admitted_at.append(self.base.steps)
-        for k, r in zip(keys, requests):
+        for k, r in zip(keys, requests, strict=False):
             self.rows[k] = [r, 0, ""]
         return []
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from app.config import Settings
-from app.ml.adapter import Adapter, adapter_to_bytes, adapter_from_bytes
+from app.ml.adapter import Adapter, adapter_from_bytes, adapter_to_bytes
 from app.ml.base import load_base
 from app.ml.generate import DecodeBatch, GenerationRequest, generate
 from app.ml.prefix import PrefixConfig
@@ -52,7 +52,7 @@ def test_mixed_adapters_batched_together_and_equal_solo(base):
     reqs = [
         GenerationRequest(prompt_ids=tok(p)["input_ids"], prefix=(pf.key_values if pf else None), max_tokens=6 + i,
                           temperature=0 if i % 2 == 0 else 0.8, seed=i)
-        for i, (p, pf) in enumerate(zip(prompts, prefixes))
+        for i, (p, pf) in enumerate(zip(prompts, prefixes, strict=False))
     ]
 
     async def main():
@@ -62,7 +62,7 @@ def test_mixed_adapters_batched_together_and_equal_solo(base):
     results = [r[0] for r in asyncio.run(main())]
     engine.stop()
     assert batches == [(0, 4)]  # one shared batch with two adapters and no adapter
-    for req, res in zip(reqs, results):
+    for req, res in zip(reqs, results, strict=False):
         solo = generate(base, [req])[0]
         assert res.token_ids == solo.token_ids and res.text == solo.text
 

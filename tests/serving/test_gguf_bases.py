@@ -1,4 +1,4 @@
-"""GGUF files as bases (app.bases with app.ml.gguf): BASE_MODEL=<file>.gguf is converted once into
+"""GGUF files as bases (app.store.base_registry with app.ml.gguf): BASE_MODEL=<file>.gguf is converted once into
 DATA_DIR/models/<id> and registered like any other base; a replica downloads the conversion
 instead of converting; `register_source` (the admin route's) registers a directory or a GGUF and
 refuses bad input with the path and the reason, registering nothing."""
@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from app import bases
 from app.config import Settings
+from app.store import base_registry
 from app.store.blobs import LocalBlobStore
 from app.store.db import init_db, make_engine, make_session_factory
-from app.store.models import ModelRecord
+from app.store.tables import ModelRecord
 from tests.gguf_tiny import make_tiny_gguf, write_non_llm_gguf
 
 
@@ -34,11 +34,9 @@ def store(tmp_path):
 
 @pytest.fixture
 def conversions(monkeypatch):
-    """Counts GGUF conversions (app.bases imports convert_gguf from app.ml.gguf at call time)."""
-    from app.ml import gguf
-
-    calls, real = [], gguf.convert_gguf
-    monkeypatch.setattr(gguf, "convert_gguf", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    """Counts GGUF conversions (the ones app.store.base_registry runs)."""
+    calls, real = [], base_registry.convert_gguf
+    monkeypatch.setattr(base_registry, "convert_gguf", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
     return calls
 
 
@@ -48,10 +46,10 @@ def test_base_model_gguf_is_converted_once_registered_and_fetched_by_replicas(st
 
     settings, factory, blobs = store
     s2 = settings.model_copy(update={"base_model": Path(tiny_gguf[1])})
-    slug, path = bases.served_base_dir(s2)
+    slug, path = base_registry.served_base_dir(s2)
     assert slug == "tiny-llama" and path == settings.data_dir.resolve() / "models" / "tiny-llama"
     with factory() as s:
-        rec = bases.ensure_default_base(s2, s, blobs)
+        rec = base_registry.ensure_default_base(s2, s, blobs)
         assert rec.id == "tiny-llama" and rec.kind == "base" and rec.tenant_id is None
         assert rec.details["gguf"] == str(Path(tiny_gguf[1]).resolve())
         assert rec.details["gguf_sha256"] == gguf_sha256(tiny_gguf[1])
@@ -61,11 +59,11 @@ def test_base_model_gguf_is_converted_once_registered_and_fetched_by_replicas(st
     assert blobs.exists("bases/tiny-llama/_manifest.json")
     assert not blobs.exists("bases/tiny-llama/.gguf-source.json")  # a marker of this machine only
     with factory() as s:  # the next start loads the conversion
-        assert bases.ensure_default_base(s2, s, blobs).fingerprint == fingerprint
+        assert base_registry.ensure_default_base(s2, s, blobs).fingerprint == fingerprint
     assert len(conversions) == 1
     shutil.rmtree(settings.data_dir / "models")  # a fresh replica: same database, storage and GGUF
     with factory() as s:
-        assert bases.ensure_default_base(s2, s, blobs).fingerprint == fingerprint
+        assert base_registry.ensure_default_base(s2, s, blobs).fingerprint == fingerprint
     assert len(conversions) == 1 and (path / "config.json").is_file()
     assert load_base(str(path)).fingerprint == fingerprint
 
@@ -74,10 +72,10 @@ def test_base_model_id_names_the_base(store, tiny_gguf, conversions):
     settings, factory, blobs = store
     s2 = settings.model_copy(update={"base_model": Path(tiny_gguf[1]), "base_model_id": "smol"})
     with factory() as s:
-        assert bases.ensure_default_base(s2, s, blobs).id == "smol"
+        assert base_registry.ensure_default_base(s2, s, blobs).id == "smol"
     assert (settings.data_dir / "models" / "smol" / "config.json").is_file()
     with pytest.raises(ValueError, match="BASE_MODEL_ID must be a slug"):
-        bases.served_base_dir(s2.model_copy(update={"base_model_id": "Not A Slug"}))
+        base_registry.served_base_dir(s2.model_copy(update={"base_model_id": "Not A Slug"}))
 
 
 def test_base_model_bad_gguf_fails_with_the_reason(store, tmp_path):
@@ -87,7 +85,7 @@ def test_base_model_bad_gguf_fails_with_the_reason(store, tmp_path):
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGUF" + b"\0" * 10)
     with factory() as s, pytest.raises(GGUFError, match="bad.gguf: unreadable or truncated"):
-        bases.ensure_default_base(settings.model_copy(update={"base_model": bad}), s, blobs)
+        base_registry.ensure_default_base(settings.model_copy(update={"base_model": bad}), s, blobs)
     with factory() as s:
         assert s.get(ModelRecord, "bad") is None
 
@@ -95,15 +93,15 @@ def test_base_model_bad_gguf_fails_with_the_reason(store, tmp_path):
 def test_register_source_gguf_and_directory(store, tiny_gguf, tiny_base_dirs, conversions):
     settings, factory, blobs = store
     with factory() as s:
-        rec, created = bases.register_source(settings, s, blobs, tiny_gguf[1])
+        rec, created = base_registry.register_source(settings, s, blobs, tiny_gguf[1])
         assert created and rec.id == "tiny-llama" and rec.details["source"] == "admin"
-        again, created = bases.register_source(settings, s, blobs, tiny_gguf[1])
+        again, created = base_registry.register_source(settings, s, blobs, tiny_gguf[1])
         assert not created and again.fingerprint == rec.fingerprint and len(conversions) == 1
-        rec2, created = bases.register_source(settings, s, blobs, tiny_base_dirs["qwen2"], "qwen-small")
+        rec2, created = base_registry.register_source(settings, s, blobs, tiny_base_dirs["qwen2"], "qwen-small")
         assert created and rec2.id == "qwen-small" and rec2.details["local_path"] == tiny_base_dirs["qwen2"]
         assert blobs.exists("bases/qwen-small/_manifest.json")
         # the same GGUF under a second id: its own conversion, its own record
-        rec3, created = bases.register_source(settings, s, blobs, tiny_gguf[1], "tiny-2")
+        rec3, created = base_registry.register_source(settings, s, blobs, tiny_gguf[1], "tiny-2")
         assert created and rec3.fingerprint == rec.fingerprint
         assert (settings.data_dir / "models" / "tiny-2" / "config.json").is_file()
 
@@ -135,15 +133,15 @@ def test_register_source_refuses_bad_input(store, tiny_gguf, tiny_base_dirs, tmp
     ]
     with factory() as s:
         for path, slug, message in cases:
-            with pytest.raises(bases.BaseSourceError, match=message):
-                bases.register_source(settings, s, blobs, path, slug)
+            with pytest.raises(base_registry.BaseSourceError, match=message):
+                base_registry.register_source(settings, s, blobs, path, slug)
         assert s.query(ModelRecord).count() == 0
         assert not (settings.data_dir / "models").exists() or not any((settings.data_dir / "models").iterdir())
-        rec, _ = bases.register_source(settings, s, blobs, tiny_base_dirs["llama"], "taken")
-        with pytest.raises(bases.BaseIdTaken, match="already registered with other weights"):
-            bases.register_source(settings, s, blobs, tiny_gguf[1], "taken")
-        with pytest.raises(bases.BaseIdTaken, match="already registered with other weights"):
-            bases.register_source(settings, s, blobs, tiny_base_dirs["qwen2"], "taken")
-        with pytest.raises(bases.BaseIdTaken, match="reserved for the built-in base"):
-            bases.register_source(settings, s, blobs, tiny_base_dirs["qwen2"], "default")
+        rec, _ = base_registry.register_source(settings, s, blobs, tiny_base_dirs["llama"], "taken")
+        with pytest.raises(base_registry.BaseIdTaken, match="already registered with other weights"):
+            base_registry.register_source(settings, s, blobs, tiny_gguf[1], "taken")
+        with pytest.raises(base_registry.BaseIdTaken, match="already registered with other weights"):
+            base_registry.register_source(settings, s, blobs, tiny_base_dirs["qwen2"], "taken")
+        with pytest.raises(base_registry.BaseIdTaken, match="reserved for the built-in base"):
+            base_registry.register_source(settings, s, blobs, tiny_base_dirs["qwen2"], "default")
         assert s.get(ModelRecord, "taken").fingerprint == rec.fingerprint

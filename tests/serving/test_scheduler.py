@@ -154,7 +154,7 @@ def test_b_is_admitted_within_two_steps_while_a_has_200_queued_and_running(max_b
     s = FairScheduler(max_queued=1000)
     s.submit(items("A", 200))
     running = {id(i): (i, 3 + k % 3) for k, i in enumerate(s.take(max_batch))}  # staggered ends
-    for step in range(6):  # A in steady state
+    for _ in range(6):  # A in steady state
         running = {k: (i, n - 1) for k, (i, n) in running.items() if n > 1}
         for i in s.take(max_batch - len(running), live={"A": len(running)}):
             running[id(i)] = (i, 3)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from alembic import context
 
-from app.store.models import Base
+from app.config import get_settings
+from app.store.db import make_engine
+from app.store.tables import Base
 
 config = context.config
 target_metadata = Base.metadata
@@ -26,8 +28,6 @@ connection = config.attributes.get("connection")
 if connection is not None:
     _run(connection)
 else:  # pragma: no cover - `alembic` CLI use
-    from app.config import get_settings
-    from app.store.db import make_engine
 
     engine = make_engine(get_settings().resolved_database_url)
     with engine.begin() as conn:

@@ -43,8 +43,12 @@ from pathlib import Path
 
 from sqlalchemy.exc import IntegrityError
 
+from app.ml.base import load_base, resolve_device
 from app.ml.callbacks import TrainingCallbacks
-from app.store.models import ModelRecord
+from app.ml.config import BaseTrainingConfig
+from app.ml.gguf import GGUFError, check_gguf, convert_gguf, converted_from, gguf_sha256, is_gguf_path, mark_converted
+from app.ml.pretrain import build_default_base
+from app.store.tables import ModelRecord
 
 log = logging.getLogger("prefixd.bases")
 
@@ -99,7 +103,6 @@ _WEIGHT_GLOBS = ("*.safetensors", "*.bin", "*.safetensors.index.json")
 
 
 def _fingerprint_of(local_dir: Path) -> str:
-    from app.ml.base import load_base
 
     return load_base(str(local_dir)).fingerprint
 
@@ -247,9 +250,6 @@ def _build_default(target: Path, steps: int | None = None, device: str = "auto")
     The build checkpoints into `target.parent/.default-build/`; a build killed midway (Ctrl-C, OOM,
     a deploy) resumes from there on the next start with the same final weights, and the checkpoints
     are deleted once the base is in place."""
-    from app.ml.base import resolve_device
-    from app.ml.config import BaseTrainingConfig
-    from app.ml.pretrain import build_default_base
 
     target.parent.mkdir(parents=True, exist_ok=True)
     ckpt = target.parent / BUILD_CHECKPOINT_DIR
@@ -273,7 +273,6 @@ def _build_default(target: Path, steps: int | None = None, device: str = "auto")
 
 
 def _gguf_source(settings) -> Path | None:
-    from app.ml.gguf import is_gguf_path
 
     if settings.base_model and is_gguf_path(settings.base_model):
         return Path(settings.base_model).resolve()
@@ -304,7 +303,6 @@ def _ensure_converted(settings, blobs, src: Path, path: Path, record: ModelRecor
 
     Converted once: kept while it matches the file, downloaded from blobs when another replica
     already registered this very GGUF under this id, else converted here."""
-    from app.ml.gguf import check_gguf, convert_gguf, converted_from, gguf_sha256, mark_converted
 
     check_gguf(src)
     sha = gguf_sha256(src)
@@ -385,7 +383,6 @@ def register_source(settings, session, blobs, source: str, slug: str | None = No
     (created False). Raises BaseSourceError for bad input, before anything is registered, and
     BaseIdTaken for an id already holding other weights: a registered base is never overwritten,
     since adapters and served replicas rely on its fingerprint."""
-    from app.ml.gguf import GGUFError, check_gguf, convert_gguf, gguf_sha256, is_gguf_path
 
     try:
         raw = Path(str(source))

@@ -1,4 +1,4 @@
-"""Migrations: head matches app/store/models.py, and two processes may migrate at once."""
+"""Migrations: head matches app/store/tables.py, and two processes may migrate at once."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import inspect, text
 
 from app.store.db import init_db, make_engine
-from app.store.models import Base
+from app.store.tables import Base
 
 PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # OpenAI's routes among ours (evals are OpenAI's too, whoever adds them here)
 OPENAI_PATHS = {
@@ -28,8 +28,15 @@ def _fields(model) -> set[str]:
 
 def _openai_fields() -> dict[str, set[str]]:
     """Our schema name -> the fields OpenAI's client knows for it."""
-    from openai.types import Completion, CompletionChoice, FileDeleted, FileObject, Model, ModelDeleted
-    from openai.types import completion_create_params
+    from openai.types import (
+        Completion,
+        CompletionChoice,
+        FileDeleted,
+        FileObject,
+        Model,
+        ModelDeleted,
+        completion_create_params,
+    )
     from openai.types.chat import ChatCompletion, ChatCompletionMessage
     from openai.types.chat import completion_create_params as chat_params
     from openai.types.chat.chat_completion import Choice

@@ -1,4 +1,4 @@
-"""Unit tests of app/quotas.py (no service): the in-process and Redis sliding-window limiters
+"""Unit tests of app/tenancy/quotas.py (no service): the in-process and Redis sliding-window limiters
 (two replicas sharing one budget, threads never over-admitting, an unreachable Redis answering 503),
 effective quotas, and stock-quota checks that hold under racing inserts (SQLite and PostgreSQL)."""
 
@@ -13,12 +13,11 @@ import uuid
 from types import SimpleNamespace
 
 import pytest
-
 from fastapi import Request
 
 from app.api.errors import quota_error
 from app.config import Settings
-from app.quotas import QuotaExceeded, RateLimiter, RedisSlidingWindow, SlidingWindow, effective_quotas, limit_of
+from app.tenancy.quotas import QuotaExceeded, RateLimiter, RedisSlidingWindow, SlidingWindow, effective_quotas, limit_of
 
 
 class Clock:
@@ -233,7 +232,7 @@ def test_unreachable_redis_is_a_503_envelope_with_retry_after():
     from fastapi.testclient import TestClient
 
     from app.api.errors import install_error_handlers
-    from app.quotas import check_request_rate, limiter
+    from app.tenancy.quotas import check_request_rate, limiter
 
     with socket.socket() as sock:  # a port nobody listens on
         sock.bind(("127.0.0.1", 0))
@@ -265,7 +264,7 @@ def test_shared_rate_checks_run_off_the_event_loop():
 
     from starlette.datastructures import State
 
-    from app.quotas import charge_tokens_async, check_request_rate_async
+    from app.tenancy.quotas import charge_tokens_async, check_request_rate_async
 
     class Probe(RateLimiter):
         def __init__(self, shared: bool):
@@ -288,7 +287,7 @@ def test_shared_rate_checks_run_off_the_event_loop():
         lim = Probe(shared)
         request = SimpleNamespace(app=SimpleNamespace(state=State({"settings": Settings(), "rate_limiter": lim})))
 
-        async def route():
+        async def route(request=request):
             await check_request_rate_async(request, _tenant())
             await charge_tokens_async(request, _tenant(), 10)
             return threading.current_thread()
@@ -300,7 +299,7 @@ def test_shared_rate_checks_run_off_the_event_loop():
 
 
 def test_embedded_settings_keep_the_in_process_limiter():
-    from app.quotas import make_rate_limiter
+    from app.tenancy.quotas import make_rate_limiter
 
     assert not make_rate_limiter(Settings()).shared
     assert make_rate_limiter(Settings(redis_url=REDIS_URL)).shared
@@ -342,8 +341,8 @@ def db(request, tmp_path):
 def test_racing_uploads_never_pass_the_files_quota(db):
     """The check and the insert in one transaction with the tenant locked: of 8 racing uploads with
     3 slots left, exactly 3 get in (the pause between check and insert widens the race)."""
-    from app.quotas import QuotaExceeded, check_upload
-    from app.store.models import File, Tenant, new_id
+    from app.store.tables import File, Tenant, new_id
+    from app.tenancy.quotas import QuotaExceeded, check_upload
 
     with db() as s:
         tenant = Tenant(name="t", quotas={"files": 4})

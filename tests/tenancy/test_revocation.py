@@ -10,7 +10,7 @@ from types import SimpleNamespace
 from starlette.datastructures import State
 
 from app.api.completions import _submit, credential
-from app.stop_broadcast import RecentlyStopped, recently_stopped
+from app.tenancy.stop_broadcast import RecentlyStopped, recently_stopped
 
 
 class FakeEngine:

@@ -1,43 +1,8 @@
-"""Cancellation of in-flight requests on every API replica: key revocation, tenant suspension or
-deletion; and eviction of deleted adapters from every replica's adapter cache.
+"""Cancellation of in-flight requests on every API replica (key revocation, tenant suspension or
+deletion) and eviction of deleted adapters from every replica's cache, over Redis pub/sub.
 
-Why: auth looks the key up in the database on every request, so every replica refuses a revoked
-key's (or suspended tenant's) *new* requests at once. But the requests it already holds, queued
-for the batch or decoding, live in one process's `ServingEngine`, and the admin call reaches only
-one replica. So the admin route stops them locally, synchronously (`apply`: the engine's
-`cancel_key` / `cancel_tenant`, and `RecentlyStopped` for requests between auth and submit), and,
-where the deployment has Redis (`REDIS_URL` a `redis://`, `rediss://` or `unix://` URL, as for the
-rate windows in app/quotas.py), publishes a small JSON message on a Redis pub/sub channel. Every
-replica (the sender too) runs a `StopBroadcast` listener thread that applies each message the same
-way. Embedded mode (one process, no Redis) does only the local part.
-
-Messages carry ids, never a raw key: `{"kind": "key", "key_hash": <sha256 hex>}`,
-`{"kind": "tenant", "tenant_id": ..., "deleted": bool}` and `{"kind": "tenant_resumed",
-"tenant_id": ...}` (an unsuspension: the replicas forget the tenant in `RecentlyStopped`, or they
-would cancel its new requests for the rest of its memory). A tenant's deletion also evicts its
-adapters from each replica's adapter cache (`ServingEngine.evict_tenant`), and
-`{"kind": "adapter_deleted", "model_id": ...}` (DELETE /v1/models/{id}) evicts one adapter
-(`ServingEngine.evict`): a replica that still held it in memory would otherwise keep that memory
-until the LRU pushed it out (new requests for it are refused anyway: its record is gone). Applying
-a message twice does nothing more, so the sender's own copy is applied again rather than filtered
-out: each replica then ends in the state of the last message published, whichever replica sent it.
-
-The channel is `prefixd:stops:<db index>` (pub/sub ignores the db index, so deployments sharing a
-Redis server on different dbs stay apart). Pub/sub delivers at most once: a replica that is not
-connected to Redis when a message is sent misses it. So each time the listener's subscription is
-confirmed (the first time too: Redis may have been down since startup), it reconciles (`reconcile`):
-it takes the tenant ids and key hashes of the rows the local engine holds
-(`ServingEngine.inflight_credentials`), looks them up in the database, tenant by tenant, and applies
-what it would have heard: a `key` stop for a key revoked or gone, a `tenant` stop for a tenant
-suspended, a deleted one for a tenant gone. A stop committed before the subscription was confirmed
-is in the database then; one committed after reaches the new subscription. It runs in the listener
-thread, before the messages that arrived meanwhile, so a resumption published during it is applied
-after it. Nothing in flight: no query. The database is read only then, never per message, and a
-failed reconciliation is logged (its error type only) and the listener goes on. What reconciliation does not recover: a
-missed `tenant_resumed` (the replica cancels that tenant's new requests until its `RecentlyStopped`
-memory expires, 10 minutes) and a missed `adapter_deleted` (the cached key/values stay until the LRU
-evicts them; the adapter's record is gone, so no request uses them). New requests are refused by
-auth as always. The listener reconnects with backoff and never raises into the API.
+Why it is shaped so (local apply, then publish; ids, never raw keys; the auth-to-submit window) is in
+docs/design/STOP_BROADCAST.md.
 """
 
 from __future__ import annotations
@@ -50,6 +15,8 @@ import time
 import uuid
 
 from app.store.ids import is_valid_id
+from app.store.tables import ApiKey, Tenant
+from app.tenancy.quotas import uses_redis
 
 log = logging.getLogger("prefixd.stops")
 
@@ -191,7 +158,6 @@ def reconcile(app, session_factory) -> int:
     listener logs it)."""
     from sqlalchemy import select
 
-    from app.store.models import ApiKey, Tenant
 
     fn = getattr(getattr(app.state, "serving", None), "inflight_credentials", None)
     if not callable(fn):  # no engine in this process (SERVING_ENABLED=0)
@@ -414,7 +380,6 @@ class StopBroadcast:
 async def start(app) -> None:
     """From the app's lifespan: with a Redis `REDIS_URL`, `app.state.stop_broadcast` publishes
     and listens; otherwise it is None and stops stay in this process."""
-    from app.quotas import uses_redis
 
     settings = app.state.settings
     app.state.stop_broadcast = None

@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from app.validation import detect_format, estimate_tokens, iter_lines, validate_dataset
+from app.files.validation import detect_format, estimate_tokens, iter_lines, validate_dataset
 
 
 def run(text: bytes | str, purpose="fine-tune", fmt="jsonl", **kw):

@@ -1,43 +1,8 @@
-"""Per-tenant quotas: defaults from the settings, overrides in `tenant.quotas` (admin PATCH).
+"""Per-tenant quotas: defaults from the settings, overrides in `tenant.quotas`, and the rate windows
+(in process, or in Redis shared by every replica). Over a quota, domain errors (`QuotaExceeded`,
+`RateLimiterUnavailable`) that app/api/errors.py maps to 429 / 503.
 
-| quota                 | default setting (env)            | checked                                   |
-|-----------------------|----------------------------------|-------------------------------------------|
-| `storage_bytes`       | `QUOTA_STORAGE_BYTES`            | file upload (stored bytes + this file)    |
-| `files`               | `QUOTA_FILES`                    | file upload                               |
-| `adapters`            | `QUOTA_ADAPTERS`                 | adapter import; prefix job creation       |
-| `running_jobs`        | `MAX_RUNNING_JOBS_PER_TENANT`    | job start (more jobs wait in `queued`)    |
-| `requests_per_minute` | `QUOTA_REQUESTS_PER_MINUTE`      | every inference request                   |
-| `tokens_per_minute`   | `QUOTA_TOKENS_PER_MINUTE`        | every inference request, after tokenizing |
-
-A value of 0 means unlimited (as for `running_jobs` in `app/jobs/runner.py`).
-
-Over a quota the answer is 429 with `Retry-After` and the OpenAI envelope; the message names the
-quota. Stock quotas (storage, files, adapters) answer `type: "insufficient_quota"` with
-`x-should-retry: false` (waiting does not help: delete something or ask for a higher quota); rate
-quotas answer `type: "rate_limit_error"` with the seconds until the window has room.
-
-Rates are a sliding window of one minute in one-second buckets per tenant. Where the service has
-Redis (`REDIS_URL` is a `redis://`, `rediss://` or `unix://` URL: distributed mode) the buckets
-live in Redis (`RedisSlidingWindow`: one hash per tenant and rate, field = epoch second, checked
-and added by one Lua script, so the check-and-add is atomic and every API replica draws on the same
-budget; the clock is the Redis server's, so replicas' clocks do not matter). Without Redis
-(embedded mode: one API process) they live in the process (`SlidingWindow`). Memory is
-O(tenants x 60) either way. If Redis cannot be reached when a request is checked, the request is
-refused with 503 + `Retry-After` (`rate_limiter_unavailable`), never admitted unmetered.
-Tokens are charged when the request is admitted: the prompt tokens plus `max_tokens` for every
-choice (what the request may use, as OpenAI's rate limiter estimates it), so a request's charge is
-known before any work is done. A prompt refused for its size or the context is charged as well,
-capped at the limit (its tokens, or one per character before tokenizing: `_charge_refused` in
-app/api/completions.py), so oversized bodies spend the tenant's budget rather than nothing.
-
-Stock quotas are checked against the database counts inside the transaction that inserts the new
-row, after `lock_tenant` has serialised the tenant's writers (PostgreSQL: `SELECT ... FOR UPDATE`
-on the tenant row; SQLite: a no-op `UPDATE` of the tenant row, which takes SQLite's one write lock
-for the rest of the transaction). Two uploads racing for the last file slot therefore get one 201
-and one 429, on any number of API replicas. Callers that store a blob first (uploads, adapter
-imports) check once without the lock to refuse early, store the blob, then check again with the
-lock and insert in the same transaction (deleting the blob if that check refuses), so the lock is
-never held while bytes move.
+The table of quotas, where each is checked, and the window design are in docs/design/QUOTAS.md.
 """
 
 from __future__ import annotations
@@ -50,6 +15,9 @@ import time
 from collections import deque
 
 from sqlalchemy import func, select, update
+
+from app.observability import metrics
+from app.store.tables import File, Job, ModelRecord, Tenant
 
 log = logging.getLogger("prefixd.quotas")
 
@@ -103,7 +71,6 @@ def effective_quotas(tenant, settings) -> dict[str, int]:
 
 def _rejected(quota: str) -> None:
     try:
-        from app import metrics
 
         metrics.rejected(f"quota_{quota}")
     except Exception:  # noqa: BLE001 - metrics never fail a request
@@ -121,7 +88,6 @@ def lock_tenant(session, tenant_id: str) -> None:
     opens its transaction at the first write, so a no-op UPDATE of the tenant row is what takes
     SQLite's write lock (waiting up to busy_timeout) before the counts are read; BEGIN IMMEDIATE
     would fail inside a transaction that has already written."""
-    from app.store.models import Tenant
 
     table = Tenant.__table__
     if session.get_bind().dialect.name == "sqlite":
@@ -134,7 +100,6 @@ def check_upload(session, tenant, settings, size: int, *, lock: bool = True) -> 
     """Before a file row is inserted: one more file of `size` bytes must fit `files` and
     `storage_bytes`. With `lock` (the default) the tenant stays locked until the caller commits:
     insert the row in the same transaction. `lock=False` is only an early refusal."""
-    from app.store.models import File
 
     max_files = limit_of(tenant, settings, "files")
     max_bytes = limit_of(tenant, settings, "storage_bytes")
@@ -179,7 +144,6 @@ def check_adapter_count(session, tenant, settings, *, lock: bool = True) -> None
     """Before an adapter is imported, or a prefix job (which makes one) is created: the tenant's
     adapters plus its prefix jobs still to finish must stay within `adapters`. With `lock` (the
     default) insert the model or job row in the same transaction (see `check_upload`)."""
-    from app.store.models import Job, ModelRecord
 
     limit = limit_of(tenant, settings, "adapters")
     if not limit:

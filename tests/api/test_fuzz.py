@@ -21,6 +21,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from app.files.validation import validate_dataset
 from app.ml.adapter import (
     PEFT_CONFIG_FILE,
     PEFT_WEIGHTS_FILE,
@@ -33,7 +34,6 @@ from app.ml.adapter import (
     read_zip_safely,
 )
 from app.ml.prefix import PrefixConfig
-from app.validation import validate_dataset
 
 FUZZ = settings(max_examples=200, deadline=None, database=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -98,19 +98,33 @@ def test_validator_random_bytes(data, pf, max_line, cuts):
 
 
 _json_leaf = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(max_size=20))
-_json = st.recursive(_json_leaf, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c, max_size=3),
-                     max_leaves=8)
-_message = st.fixed_dictionaries({}, optional={"role": st.sampled_from(["system", "user", "assistant", "bot", 1]),
-                                               "content": st.one_of(st.text(max_size=20), _json)})
+_json = st.recursive(
+    _json_leaf, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c, max_size=3), max_leaves=8
+)
+_message = st.fixed_dictionaries(
+    {},
+    optional={
+        "role": st.sampled_from(["system", "user", "assistant", "bot", 1]),
+        "content": st.one_of(st.text(max_size=20), _json),
+    },
+)
 _record = st.one_of(
-    st.fixed_dictionaries({}, optional={"prompt": st.one_of(st.text(max_size=30), _json),
-                                        "completion": st.one_of(st.text(max_size=30), _json)}),
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "prompt": st.one_of(st.text(max_size=30), _json),
+            "completion": st.one_of(st.text(max_size=30), _json),
+        },
+    ),
     st.fixed_dictionaries({"messages": st.one_of(st.lists(_message, max_size=4), _json)}),
     st.fixed_dictionaries({}, optional={"text": st.one_of(st.text(max_size=30), _json)}),
     _json,
 )
-_line = st.one_of(_record.map(lambda r: json.dumps(r).encode()), st.binary(max_size=40),
-                  st.sampled_from([b"", b"   ", b"\r", b"\xef\xbb\xbf{}", b"[" * 3000, b'{"prompt": "a"']))
+_line = st.one_of(
+    _record.map(lambda r: json.dumps(r).encode()),
+    st.binary(max_size=40),
+    st.sampled_from([b"", b"   ", b"\r", b"\xef\xbb\xbf{}", b"[" * 3000, b'{"prompt": "a"']),
+)
 
 
 @FUZZ
@@ -130,8 +144,9 @@ def test_validator_deep_nesting_and_long_lines():
 
 # ------------------------------------------------------------------ zip import
 
-BASE = types.SimpleNamespace(fingerprint="fp-fuzz",
-                             geometry=types.SimpleNamespace(num_layers=2, num_kv_heads=2, head_dim=8))
+BASE = types.SimpleNamespace(
+    fingerprint="fp-fuzz", geometry=types.SimpleNamespace(num_layers=2, num_kv_heads=2, head_dim=8)
+)
 LIMITS = ZipLimits(max_archive_bytes=1 << 20, max_total_uncompressed=2 << 20, max_entries=8, max_ratio=100.0)
 
 
@@ -161,8 +176,13 @@ def test_valid_zip_imports():
 
 
 @FUZZ
-@given(data=st.one_of(st.binary(max_size=2048), st.binary(max_size=64).map(lambda b: b"PK\x03\x04" + b),
-                      st.binary(max_size=64).map(lambda b: b + b"PK\x05\x06" + bytes(18))))
+@given(
+    data=st.one_of(
+        st.binary(max_size=2048),
+        st.binary(max_size=64).map(lambda b: b"PK\x03\x04" + b),
+        st.binary(max_size=64).map(lambda b: b + b"PK\x05\x06" + bytes(18)),
+    )
+)
 def test_zip_random_bytes(data):
     expect_clean(read_zip_safely, data, (PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE), LIMITS)
     expect_clean(import_peft_zip, data, BASE, LIMITS)
@@ -192,7 +212,7 @@ def mutate(data: bytes, ops) -> bytes:
         elif kind == "insert":
             b[pos:pos] = bytes([val])
         else:
-            del b[pos:pos + val]
+            del b[pos : pos + val]
     return bytes(b)
 
 
@@ -209,12 +229,30 @@ _config_value = st.one_of(_json, st.integers(-3, 300))
 
 
 @FUZZ
-@given(cfg=st.dictionaries(st.sampled_from(["peft_type", "task_type", "num_virtual_tokens", "num_layers",
-                                            "num_attention_heads", "token_dim", "num_transformer_submodules"]),
-                           _config_value, max_size=7),
-       keep_good=st.booleans(), weights=st.one_of(st.none(), st.binary(max_size=256)),
-       extra=st.dictionaries(st.sampled_from(["README.md", "../evil", "/abs", "a\\b", "adapter_model.bin", "d/"]),
-                             st.binary(max_size=32), max_size=2))
+@given(
+    cfg=st.dictionaries(
+        st.sampled_from(
+            [
+                "peft_type",
+                "task_type",
+                "num_virtual_tokens",
+                "num_layers",
+                "num_attention_heads",
+                "token_dim",
+                "num_transformer_submodules",
+            ]
+        ),
+        _config_value,
+        max_size=7,
+    ),
+    keep_good=st.booleans(),
+    weights=st.one_of(st.none(), st.binary(max_size=256)),
+    extra=st.dictionaries(
+        st.sampled_from(["README.md", "../evil", "/abs", "a\\b", "adapter_model.bin", "d/"]),
+        st.binary(max_size=32),
+        max_size=2,
+    ),
+)
 def test_zip_mutated_members(cfg, keep_good, weights, extra):
     """Well-formed zips whose members are hostile: config fields, weights bytes, extra/unsafe names."""
     with zipfile.ZipFile(io.BytesIO(VALID)) as zf:
@@ -228,8 +266,9 @@ def test_zip_mutated_members(cfg, keep_good, weights, extra):
     expect_clean(import_peft_zip, data, BASE, LIMITS)
 
 
-@pytest.mark.parametrize("config", [b"[" * 5000 + b"]" * 5000, b'{"a":' * 3000 + b"1" + b"}" * 3000,
-                                    b"\xff\xfe", b"null", b"1e999999"])
+@pytest.mark.parametrize(
+    "config", [b"[" * 5000 + b"]" * 5000, b'{"a":' * 3000 + b"1" + b"}" * 3000, b"\xff\xfe", b"null", b"1e999999"]
+)
 def test_zip_hostile_config_json(config):
     with zipfile.ZipFile(io.BytesIO(VALID)) as zf:
         weights = zf.read(PEFT_WEIGHTS_FILE)

@@ -9,18 +9,16 @@ import sqlite3
 import time
 
 import pytest
-
-from app.jobs import outbox
 from fastapi.testclient import TestClient
 from sqlalchemy import event, select
 
 from app.config import Settings
-from app.jobs import runner
+from app.jobs import outbox, runner
 from app.store import storage
 from app.store.blobs import LocalBlobStore
-from app.store.models import File, JobEvent
 from app.store.storage import StorageFullError, is_storage_full
-from tests.test_jobs_domain import _dataset, database_url, env  # noqa: F401 - fixtures
+from app.store.tables import File, JobEvent
+from tests.jobs.conftest import dataset_rows as _dataset
 
 
 class FullBlobStore:

@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import csv
 import io
-import json
-import os
 import threading
 import time
-import uuid
 
 import pytest
 import torch
@@ -17,88 +14,10 @@ from sqlalchemy import select
 
 from app.config import Settings
 from app.jobs import outbox, runner, service, state
-from app.jobs.context import JobContext
 from app.jobs.monitor import check_once
 from app.jobs.spec import SpecError, check_limits, normalize_method, parse_job_create
-from app.store.models import File, Job, JobCheckpoint, JobEvent, ModelRecord, Tenant
-
-
-def _dataset(n: int = 60) -> list[dict]:
-    # the label depends on one word of the prompt
-    words = {"red": " warm", "orange": " warm", "yellow": " warm", "blue": " cold", "green": " cold",
-             "purple": " cold"}
-    rows = []
-    for i in range(n):
-        w = list(words)[i % len(words)]
-        rows.append({"prompt": f"item {i} is {w} ->", "completion": words[w]})
-    return rows
-
-
-PG_ADMIN_DSN = os.environ.get("PREFIXD_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
-
-
-@pytest.fixture()
-def database_url(request, tmp_path):
-    """SQLite by default; tests parametrised with `env` = "postgresql" get a fresh database."""
-    if getattr(request, "param", "sqlite") == "sqlite":
-        yield None
-        return
-    import psycopg
-
-    try:
-        admin = psycopg.connect(PG_ADMIN_DSN, autocommit=True, connect_timeout=3)
-    except Exception as e:  # noqa: BLE001
-        pytest.skip(f"PostgreSQL not reachable: {e}")
-    name = f"prefixd_jobs_{uuid.uuid4().hex[:10]}"
-    admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield PG_ADMIN_DSN.rsplit("/", 1)[0] + "/" + name
-    finally:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
-
-
-@pytest.fixture()
-def env(tmp_path, tiny_base_dirs, database_url):
-    from app.bases import register_base
-    from app.store.blobs import LocalBlobStore
-    from app.store.db import init_db, make_engine, make_session_factory
-
-    settings = Settings(data_dir=tmp_path, job_heartbeat_s=0.2, job_stale_after_s=1.0,
-                        max_running_jobs_per_tenant=0, database_url=database_url)
-    engine = make_engine(settings.resolved_database_url)
-    init_db(engine)
-    sf = make_session_factory(engine)
-    blobs = LocalBlobStore(tmp_path / "blobs")
-    sent: list[str] = []
-    ctx = JobContext(settings, sf, blobs, enqueue=lambda job_id, countdown=None: sent.append(job_id))
-    with sf() as s:
-        s.add_all([Tenant(id="tenant-a", name="a"), Tenant(id="tenant-b", name="b")])
-        register_base(s, blobs, tiny_base_dirs["llama"], "tiny")
-        s.commit()
-
-    def add_file(tenant="tenant-a", rows=None, purpose="fine-tune", status="processed", details=None):
-        data = "".join(json.dumps(r) + "\n" for r in (rows or _dataset())).encode()
-        with sf() as s:
-            f = File(tenant_id=tenant, filename="train.jsonl", purpose=purpose, bytes=len(data),
-                     status=status, status_details=details, blob_key="x")
-            s.add(f)
-            s.flush()
-            f.blob_key = f"files/{tenant}/{f.id}"
-            blobs.put_bytes(f.blob_key, data)
-            s.commit()
-            return f.id
-
-    def create(body, tenant="tenant-a") -> Job:
-        with sf() as s:
-            job = service.create_job(s, s.get(Tenant, tenant), body, settings)
-            s.commit()
-            return job
-
-    yield type("Env", (), dict(settings=settings, sf=sf, blobs=blobs, ctx=ctx, sent=sent, add_file=add_file,
-                               create=create))
-    engine.dispose()
-
+from app.store.tables import File, Job, JobCheckpoint, JobEvent, ModelRecord, Tenant
+from tests.jobs.conftest import dataset_rows as _dataset
 
 SMALL = {"type": "prefix", "prefix": {"num_virtual_tokens": 4,
                                       "hyperparameters": {"n_epochs": 2, "batch_size": 16}}}
@@ -329,7 +248,7 @@ def test_run_prefix_job_end_to_end(env):
     metrics = [e for e in events if e.type == "metrics"]
     assert metrics and {"step", "train_loss", "valid_loss", "tokens_per_s"} <= set(metrics[0].data)
     steps = [e.data["step"] for e in metrics]
-    assert all(b - a <= 10 for a, b in zip([0] + steps, steps))
+    assert all(b - a <= 10 for a, b in zip([0] + steps, steps, strict=False))
     assert events[-1].message == "The job has successfully completed"
     # checkpoint blobs are cleaned up after success
     assert env.blobs.list(f"checkpoints/tenant-a/{job.id}/") == []
@@ -437,7 +356,7 @@ def test_training_error_fails_cleanly(env, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("out of cheese")
 
-    monkeypatch.setattr("app.ml.train.train_prefix", boom)
+    monkeypatch.setattr(runner, "train_prefix", boom)
     assert runner.run_job(job.id, env.ctx) == "failed"
     j = _job(env, job.id)
     assert j.status == "failed" and j.error["code"] == "training_error"
@@ -520,12 +439,12 @@ def test_base_job_registers_a_tenant_base(env):
 def test_a_base_job_taken_from_its_worker_before_it_finishes_registers_nothing(env, monkeypatch):
     """The job is requeued elsewhere while its worker uploads the new base: that worker's success
     write loses the compare-and-set, so no model record commits and its uploaded files go."""
-    import app.bases
+    import app.store.base_registry
 
     fid = _corpus_file(env)
     job = env.create({"model": "scratch", "training_file": fid, "suffix": "gone", "method": {
         "type": "base", "base": {"architecture": "llama", "size": "tiny", "hyperparameters": {"n_epochs": 1}}}})
-    real_upload = app.bases.upload_base
+    real_upload = app.store.base_registry.upload_base
 
     def upload_then_lose(*args, **kwargs):
         out = real_upload(*args, **kwargs)
@@ -534,7 +453,7 @@ def test_a_base_job_taken_from_its_worker_before_it_finishes_registers_nothing(e
             s.commit()
         return out
 
-    monkeypatch.setattr(app.bases, "upload_base", upload_then_lose)
+    monkeypatch.setattr(runner, "upload_base", upload_then_lose)
     assert runner.run_job(job.id, env.ctx) == "lost"
     with env.sf() as s:
         assert s.scalars(select(ModelRecord).where(ModelRecord.job_id == job.id)).all() == []

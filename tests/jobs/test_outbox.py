@@ -12,8 +12,7 @@ from sqlalchemy import select, text
 
 from app.jobs import outbox, runner, service, state
 from app.jobs.monitor import check_once
-from app.store.models import Job, JobOutbox, Tenant
-from tests.test_jobs_domain import database_url, env  # noqa: F401 - the fixtures
+from app.store.tables import Job, JobOutbox, Tenant
 
 
 class Broker:

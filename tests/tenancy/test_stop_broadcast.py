@@ -1,10 +1,11 @@
-"""app/stop_broadcast.py: the stop messages (encode, decode, apply) and their pub/sub over a real
+"""app/tenancy/stop_broadcast.py: the stop messages (encode, decode, apply) and their pub/sub over a real
 Redis (127.0.0.1:6379; skipped when it is not reachable). Each test listens on a channel of its
 own, so parallel runs never see each other's messages. The two-replica HTTP test is
 tests/integration/test_revoke_replicas.py."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import socket
@@ -15,10 +16,10 @@ from types import SimpleNamespace
 import pytest
 from starlette.datastructures import State
 
-from app import stop_broadcast as sb
 from app.api.deps import hash_key
-from app.stop_broadcast import recently_stopped
 from app.config import Settings
+from app.tenancy import stop_broadcast as sb
+from app.tenancy.stop_broadcast import recently_stopped
 
 REDIS_URL = os.environ.get("PREFIXD_TEST_REDIS", "redis://127.0.0.1:6379") + "/0"
 KEY_HASH = hash_key("sk-test-not-a-real-key")
@@ -149,9 +150,9 @@ def test_channel_is_per_redis_db():
 
 def _listening(redis_url: str, channel: str, apps: list) -> list:
     """One started, subscribed listener per "replica" app, applying messages to that app."""
-    buses = [sb.StopBroadcast(redis_url, (lambda a: lambda msg: sb.apply(a, msg))(a), channel=channel).start()
+    buses = [sb.StopBroadcast(redis_url, functools.partial(sb.apply, a), channel=channel).start()
              for a in apps]
-    for a, bus in zip(apps, buses):
+    for a, bus in zip(apps, buses, strict=False):
         a.state.stop_broadcast = bus
     if not all(bus.subscribed.wait(20) for bus in buses):
         for bus in buses:
@@ -339,7 +340,7 @@ def _db(tmp_path):
 def _tenant(sf, tenant_id: str, n_keys: int) -> list[str]:
     """A tenant with `n_keys` live keys; returns the keys' hashes (as the engine's rows carry them)."""
     from app.api.deps import new_api_key
-    from app.store.models import ApiKey, Tenant
+    from app.store.tables import ApiKey, Tenant
 
     hashes = [hash_key(new_api_key()) for _ in range(n_keys)]
     with sf() as s:
@@ -367,7 +368,7 @@ def test_reconcile_cancels_what_the_database_says_was_stopped(tmp_path):
 
     from sqlalchemy import delete, update
 
-    from app.store.models import ApiKey, Tenant
+    from app.store.tables import ApiKey, Tenant
 
     db, sf = _db(tmp_path)
     try:
@@ -385,15 +386,22 @@ def test_reconcile_cancels_what_the_database_says_was_stopped(tmp_path):
         assert sb.reconcile(app, counting) == 0 and len(calls) == 1  # all live: nothing cancelled
         assert not any(i.cancelled for i in items)
         with sf() as s:
-            s.execute(update(ApiKey).where(ApiKey.key_hash == k_revoked).values(revoked_at=int(datetime.now().timestamp())))
+            now = int(datetime.now().timestamp())
+            s.execute(update(ApiKey).where(ApiKey.key_hash == k_revoked).values(revoked_at=now))
             s.execute(update(Tenant).where(Tenant.id == "t-susp").values(suspended=True))
             s.execute(delete(ApiKey).where(ApiKey.tenant_id == "t-gone"))
             s.execute(delete(Tenant).where(Tenant.id == "t-gone"))
             s.commit()
         assert sb.reconcile(app, sf) == 4
         assert [i.cancel_reason for i in items] == [
-            "the API key was revoked", "the API key was revoked", None, None, None,
-            "the tenant was suspended", "the tenant was deleted"]
+            "the API key was revoked",
+            "the API key was revoked",
+            None,
+            None,
+            None,
+            "the tenant was suspended",
+            "the tenant was deleted",
+        ]
         stopped = recently_stopped(app)
         assert f"key:{k_revoked}" in stopped and "tenant:t-susp" in stopped and "tenant:t-gone" in stopped
         assert f"key:{k_live}" not in stopped and "tenant:t-keys" not in stopped
@@ -413,7 +421,7 @@ def test_a_key_revoked_while_the_listener_was_cut_off_is_reconciled(redis_url, t
     import redis
     from sqlalchemy import update
 
-    from app.store.models import ApiKey
+    from app.store.tables import ApiKey
 
     db, sf = _db(tmp_path)
     admin = redis.Redis.from_url(redis_url)
@@ -422,8 +430,9 @@ def test_a_key_revoked_while_the_listener_was_cut_off_is_reconciled(redis_url, t
     k_revoked, k_kept = _tenant(sf, "t-one", 2)
     (k_other,) = _tenant(sf, "t-two", 1)
     items = _hold(engine, [("t-one", k_revoked), ("t-one", k_kept), ("t-two", k_other), ("t-one", k_revoked)])
-    bus = sb.StopBroadcast(redis_url, lambda msg: sb.apply(app, msg), channel=_channel(),
-                           on_subscribed=lambda: sb.reconcile(app, sf))
+    bus = sb.StopBroadcast(
+        redis_url, lambda msg: sb.apply(app, msg), channel=_channel(), on_subscribed=lambda: sb.reconcile(app, sf)
+    )
     gate = threading.Event()
     listen = bus._listen
 
@@ -485,7 +494,7 @@ def test_start_wires_the_reconciliation_to_the_apps_session_factory(redis_url, t
     with sf() as s:  # revoked before this replica ever subscribed
         from sqlalchemy import update
 
-        from app.store.models import ApiKey
+        from app.store.tables import ApiKey
 
         s.execute(update(ApiKey).where(ApiKey.key_hash == k).values(revoked_at=1))
         s.commit()

@@ -14,8 +14,7 @@ from app.jobs import recovery
 from app.jobs.context import JobContext
 from app.jobs.monitor import check_once
 from app.store.blobs import LocalBlobStore, S3BlobStore
-from app.store.models import File, Job, JobCheckpoint, ModelRecord, Tenant
-from tests.test_blobs import moto_endpoint  # noqa: F401 - the module's moto server fixture
+from app.store.tables import File, Job, JobCheckpoint, ModelRecord, Tenant
 
 GOOD = "".join(json.dumps({"prompt": f"q{i}", "completion": " a"}) + "\n" for i in range(3)).encode()
 
@@ -94,7 +93,7 @@ def test_file_claim_is_compare_and_set(tmp_path):
 def test_every_blob_key_column_is_found():
     cols = {f"{c.table.name}.{c.name}" for c in recovery.blob_key_columns()}
     assert cols == {"files.blob_key", "models.blob_key", "job_checkpoints.blob_key"}
-    from app.store.models import Base
+    from app.store.tables import Base
 
     named_blob = {f"{t.name}.{c.name}" for t in Base.metadata.sorted_tables for c in t.columns if "blob" in c.name}
     assert named_blob == cols  # a column holding blob keys that the sweep misses would lose data
