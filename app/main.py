@@ -34,7 +34,6 @@ PUBLIC_PATHS = ("/healthz", "/readyz", "/metrics", "/docs", "/openapi.json")
 
 
 def _setup_state(app: FastAPI, settings: Settings) -> None:
-
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     engine = make_engine(settings.resolved_database_url)
     init_db(engine)
@@ -54,7 +53,6 @@ def _setup_state(app: FastAPI, settings: Settings) -> None:
 
 @asynccontextmanager
 async def lifespan(app: FastAPI):
-
     settings: Settings = app.state.settings
     await run_in_threadpool(_setup_state, app, settings)
     revalidate_pending(app)
@@ -91,7 +89,6 @@ def _custom_openapi(app: FastAPI):
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-
     settings = settings or get_settings()
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

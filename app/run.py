@@ -101,7 +101,6 @@ def release_jobs_of(settings: Settings) -> Callable[[int], None]:
     monitor requeues them within a pass (seconds) instead of after JOB_STALE_AFTER_S."""
 
     def release(pid: int) -> None:
-
         try:
             engine = make_engine(settings.resolved_database_url)
             try:

@@ -70,7 +70,6 @@ def serving_status(request: Request, _admin: AdminDep) -> ServingStatus:
 @router.post("/v1/admin/serving", response_model=ServingStatus)
 async def switch_serving(body: ServingSwitch, request: Request, _admin: AdminDep, session: SessionDep,
                          blobs: BlobsDep, settings: SettingsDep) -> ServingStatus:
-
     engine = get_engine(request)
     record = await run_in_threadpool(session.get, ModelRecord, body.model)
     if record is None:

@@ -447,7 +447,6 @@ async def _charge_refused(request: Request, tenant, settings, err: APIError) -> 
 
 
 def _prompt_ids(tokenizer, text: str) -> list[int]:
-
     ids = encode_prompt(tokenizer, text)
     if not ids:  # an empty prompt starts a new document, as OpenAI's does
         start = getattr(tokenizer, "bos_token_id", None)
@@ -662,7 +661,6 @@ def _gen_requests(
     logprobs: int | None,
     logit_bias: dict[int, float] | None = None,
 ):
-
     n = body.n or 1
     stops = stop_list(body.stop)
     temperature = 1.0 if body.temperature is None else body.temperature
@@ -868,7 +866,6 @@ async def create_chat_completion(
     engine = get_engine(request)
 
     def prepare():
-
         resolved = resolve_model(session, engine, tenant.id, body.model)
         tokenizer = resolved.served.base.tokenizer
         bias = check_logit_bias(body.logit_bias, len(tokenizer))
@@ -1039,7 +1036,6 @@ async def classify(
     prefix = resolved.prefix
 
     def run(base):
-
         return ml_classify(base, ids, label_ids, prefix)
 
     try:

@@ -65,7 +65,6 @@ def default_context() -> JobContext:
     global _ctx
     with _lock:
         if _ctx is None:
-
             settings = get_settings()
             engine = make_engine(settings.resolved_database_url)
             init_db(engine)

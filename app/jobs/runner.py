@@ -350,7 +350,6 @@ def job_device(settings):
 def load_base_cached(path: Path, record: ModelRecord, device="cpu"):
     key = f"{path}:{record.fingerprint}:{device}"
     if key not in _BASE_CACHE:
-
         _BASE_CACHE.clear()
         _BASE_CACHE[key] = load_base(str(path), device=device)
     return _BASE_CACHE[key]
@@ -392,7 +391,6 @@ def _read_file(run: JobRun, file_id: str) -> tuple[File, bytes]:
 
 
 def _examples(run: JobRun, records: list[dict], what: str, tokenizer):
-
     out = []
     for n, rec in enumerate(records, 1):
         try:
@@ -403,7 +401,6 @@ def _examples(run: JobRun, records: list[dict], what: str, tokenizer):
 
 
 def run_prefix_job(run: JobRun) -> str:
-
     with run.session() as s:
         job = s.get(Job, run.job_id)
         s.expunge(job)
@@ -484,7 +481,6 @@ def run_prefix_job(run: JobRun) -> str:
 
 
 def _load_init_adapter(run: JobRun, adapter_id: str | None, base_id: str):
-
     with run.session() as s:
         rec = s.scalar(select(ModelRecord).where(ModelRecord.id == adapter_id, ModelRecord.kind == "adapter",
                                                  ModelRecord.tenant_id == run.tenant_id))

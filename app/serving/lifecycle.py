@@ -35,7 +35,6 @@ def startup_loader(settings, session_factory, blobs):
     """A `load()` for `ServingEngine.start`: (base id, Base) of the startup base."""
 
     def load():
-
         _slug, path = served_base_dir(settings)
         # first start: build (or fetch) the default base; a GGUF BASE_MODEL is checked against its
         # conversion every start, so a replaced file is converted again before anything loads

@@ -103,7 +103,6 @@ _WEIGHT_GLOBS = ("*.safetensors", "*.bin", "*.safetensors.index.json")
 
 
 def _fingerprint_of(local_dir: Path) -> str:
-
     return load_base(str(local_dir)).fingerprint
 
 
@@ -273,7 +272,6 @@ def _build_default(target: Path, steps: int | None = None, device: str = "auto")
 
 
 def _gguf_source(settings) -> Path | None:
-
     if settings.base_model and is_gguf_path(settings.base_model):
         return Path(settings.base_model).resolve()
     return None

@@ -71,7 +71,6 @@ def effective_quotas(tenant, settings) -> dict[str, int]:
 
 def _rejected(quota: str) -> None:
     try:
-
         metrics.rejected(f"quota_{quota}")
     except Exception:  # noqa: BLE001 - metrics never fail a request
         pass
