@@ -40,3 +40,6 @@ class TrainingCallbacks:
 
     def on_checkpoint(self, step: int, metrics: dict) -> None:
         pass
+
+    def on_search_rung(self, step: int, rung: dict) -> None:
+        """A length search halved its candidates: `{"step", "losses": {length: valid_loss}, "kept"}`."""
