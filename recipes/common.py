@@ -37,8 +37,9 @@ DATA_ROOT_ENV = "PREFIXD_DATA_ROOT"
 # Fixed, so that every run (and the benchmark) sees the same train / evaluation split; --seed
 # changes the job's seed and which rows a --train-rows / --eval-rows subset takes, never the split.
 SPLIT_SEED = 0
-# Job polling: quick at first (a short job ends in seconds), then every few seconds.
-POLL_MIN_S, POLL_MAX_S = 0.2, 3.0
+# Job polling: quick after each status change (a short job ends in seconds), then backing off to a
+# few seconds, so that a long job costs the server one request now and then.
+POLL_MIN_S, POLL_MAX_S = 0.3, 5.0
 
 
 class RecipeError(Exception):
@@ -138,10 +139,11 @@ class Recipe:
 class Api:
     """The few calls a recipe makes, with OpenAI error envelopes turned into RecipeError."""
 
-    def __init__(self, base_url: str, api_key: str, timeout: float = 300.0):
+    def __init__(self, base_url: str, api_key: str, timeout: float = 300.0,
+                 transport: httpx.BaseTransport | None = None):
         self.base_url = base_url.rstrip("/")
         self.http = httpx.Client(base_url=self.base_url, headers={"Authorization": f"Bearer {api_key}"},
-                                 timeout=timeout)
+                                 timeout=timeout, transport=transport)
 
     def close(self) -> None:
         self.http.close()
@@ -263,7 +265,8 @@ def wait_for(api: Api, job: dict, timeout_s: float, log=None) -> dict:
             print(f"[{job['id']}] {status}", file=log, flush=True)
         if status in ("succeeded", "failed", "cancelled"):
             break
-        events = api.json("GET", f"/fine_tuning/jobs/{job['id']}/events", params={"limit": 5}).get("data", [])
+        events = [] if status != "running" else api.json(
+            "GET", f"/fine_tuning/jobs/{job['id']}/events", params={"limit": 5}).get("data", [])
         for ev in events:  # newest first
             data = ev.get("data") or {}
             if ev.get("type") == "metrics" and data.get("step") != last_step:
@@ -322,11 +325,14 @@ def outputs_of(api: Api, model: str, recipe: Recipe, items: Sequence[EvalItem], 
 
 def evaluate(api: Api, models: dict[str, str], recipe: Recipe, items: Sequence[EvalItem], *, max_tokens: int,
              concurrency: int) -> tuple[dict[str, dict[str, float]], dict[str, list[str]], int]:
-    """(metrics per model, outputs per model, items dropped). Every model is scored on the same
-    items: one whose prompt does not fit some model's context (the adapter's prefix takes room too)
-    is dropped for all of them."""
-    outputs = {label: outputs_of(api, model, recipe, items, max_tokens=max_tokens, concurrency=concurrency)
-               for label, model in models.items()}
+    """(metrics per model, outputs per model, items dropped). The models run side by side (the
+    server batches an adapter's rows with the base's). Every model is scored on the same items: one
+    whose prompt does not fit some model's context (the adapter's prefix takes room too) is
+    dropped for all of them."""
+    with ThreadPoolExecutor(max_workers=len(models)) as pool:
+        futures = {label: pool.submit(outputs_of, api, model, recipe, items, max_tokens=max_tokens,
+                                      concurrency=concurrency) for label, model in models.items()}
+        outputs = {label: f.result() for label, f in futures.items()}
     keep = [i for i in range(len(items)) if all(outs[i] is not None for outs in outputs.values())]
     if not keep:
         raise RecipeError(f"no evaluation prompt fits the context of {', '.join(models.values())}")

@@ -12,6 +12,7 @@ type and its text match.
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -56,11 +57,15 @@ def render(ents: list[tuple[str, str]]) -> str:
     return " " + (SEP.join(f"{kind}: {text}" for kind, text in ents) if ents else NONE)
 
 
+# "; " ends an entity only before the next "type: " (an entity's text may hold "; ": "Simon &amp; Schuster")
+_NEXT_ENTITY = re.compile(f"{SEP}(?=(?:{'|'.join(map(re.escape, TYPES))}):)")
+
+
 def parse(output: str) -> list[tuple[str, str]]:
     """The entities of an output in `render`'s format; a part that is not `type: text` with a
     known type is dropped (it predicts nothing)."""
     out = []
-    for part in output.strip().split(SEP.strip()):
+    for part in _NEXT_ENTITY.split(output.strip()):
         kind, sep, text = part.strip().partition(":")
         if sep and kind.strip() in TYPES and text.strip():
             out.append((kind.strip(), text.strip()))
