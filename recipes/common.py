@@ -26,7 +26,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -131,7 +131,6 @@ class Recipe:
     labels: tuple[str, ...] | None = None  # a label task: scored with /v1/classify over these
     max_tokens: int = 64
     stop: tuple[str, ...] = ("\n",)
-    metric_notes: dict[str, str] = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------------- HTTP
@@ -213,7 +212,12 @@ def _is_unknown_route(r: httpx.Response) -> bool:
 
 def check_server(api: Api, recipe: Recipe, model: str) -> None:
     """Fail before uploading anything when the server cannot run this recipe."""
-    listed = api.json("GET", "/models", feature="the model list (GET /v1/models)")
+    try:
+        listed = api.json("GET", "/models", feature="the model list (GET /v1/models)")
+    except RecipeError as e:
+        if not api.base_url.endswith("/v1"):
+            raise RecipeError(f"{e} (--base-url usually ends in /v1)") from None
+        raise
     ids = [m.get("id") for m in listed.get("data", [])]
     if model not in ids:
         bases = [i for i in ids if i and not i.startswith("ft:")]
