@@ -7,7 +7,7 @@ from collections import Counter
 from collections.abc import Sequence
 
 from app.evals import label_metrics
-from app.evals import metrics as m
+from app.evals import text_metrics as m
 
 
 def labels(names: Sequence[str], gold: Sequence[str], predicted: Sequence[str], *, macro_f1: bool) -> dict[str, float]:

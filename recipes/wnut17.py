@@ -16,7 +16,7 @@ import re
 import sys
 from pathlib import Path
 
-from app.evals.metrics import bio_entities
+from app.evals.text_metrics import bio_entities
 from recipes import scoring
 from recipes.common import EvalItem, Example, Recipe, Split, main, task_file
 
