@@ -31,10 +31,10 @@ from app.validation import detect_format, validate_dataset
 log = logging.getLogger("prefixd.files")
 router = APIRouter(prefix="/v1/files", tags=["files"])
 
-UPLOAD_PURPOSES = ("fine-tune", "base-train")
-LIST_PURPOSES = ("fine-tune", "base-train", "fine-tune-results")  # results: CSVs written by jobs
-UploadPurpose = Literal["fine-tune", "base-train"]
-ListPurpose = Literal["fine-tune", "base-train", "fine-tune-results"]
+UPLOAD_PURPOSES = ("fine-tune", "base-train", "evals")  # evals: {"item": ...} rows of eval runs
+LIST_PURPOSES = ("fine-tune", "base-train", "evals", "fine-tune-results")  # results: CSVs written by jobs
+UploadPurpose = Literal["fine-tune", "base-train", "evals"]
+ListPurpose = Literal["fine-tune", "base-train", "evals", "fine-tune-results"]
 ACTIVE_JOB_STATUSES = ("validating_files", "queued", "running")
 
 
@@ -156,7 +156,8 @@ def upload_file(
     settings: SettingsDep,
     background: BackgroundTasks,
     file: Annotated[UploadFile, FileParam(description="the dataset")],
-    purpose: Annotated[UploadPurpose, Form(description="fine-tune (JSONL) or base-train (.txt or JSONL of text)")],
+    purpose: Annotated[UploadPurpose, Form(description="fine-tune (JSONL), base-train (.txt or JSONL of text) "
+                                           "or evals (JSONL of {\"item\": ...} rows)")],
 ) -> FileObject:
     fh = file.file
     fh.seek(0, os.SEEK_END)

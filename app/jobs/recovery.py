@@ -32,7 +32,7 @@ from app.store.models import Base, File, Job
 
 log = logging.getLogger("prefixd.jobs.recovery")
 
-UPLOAD_PURPOSES = ("fine-tune", "base-train")  # the purposes an upload validates (app.api.files)
+UPLOAD_PURPOSES = ("fine-tune", "base-train", "evals")  # the purposes an upload validates (app.api.files)
 RECOVER_BATCH = 20  # files validated per monitor pass; the rest wait for the next one
 SWEPT_KINDS = ("files", "adapters", "checkpoints", "bases")
 _LOOKUP_BATCH = 50  # blob keys per database lookup (each one also looks up its ancestors)

@@ -12,6 +12,7 @@ than adding a second one.
 from __future__ import annotations
 
 import secrets
+import time
 
 from sqlalchemy import JSON, BigInteger, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
@@ -19,13 +20,19 @@ from sqlalchemy.orm import Mapped, mapped_column
 from app.store.models import Base, now
 
 
+def _ordered_hex() -> str:
+    """24 hex digits that sort in creation order (nanoseconds, then random): lists order by
+    (created_at, id), and two evals created within one second keep their order."""
+    return f"{time.time_ns():016x}{secrets.token_hex(4)}"
+
+
 def eval_id() -> str:
     # OpenAI's prefixes (eval_, evalrun_, outputitem_): clients and logs recognise them
-    return f"eval_{secrets.token_hex(12)}"
+    return f"eval_{_ordered_hex()}"
 
 
 def run_id() -> str:
-    return f"evalrun_{secrets.token_hex(12)}"
+    return f"evalrun_{_ordered_hex()}"
 
 
 def output_item_id() -> str:
