@@ -30,7 +30,15 @@ from sqlalchemy.orm import Session
 
 from app.api.deps import SessionDep, SettingsDep, TenantDep
 from app.api.errors import APIError
-from app.evals import EvalSpecError, content_rows, jsonl_rows, parse_input_messages, validate_eval, validate_rows
+from app.evals import (
+    EvalSpec,
+    EvalSpecError,
+    content_rows,
+    jsonl_rows,
+    parse_input_messages,
+    validate_eval,
+    validate_rows,
+)
 from app.store.eval_tables import EvalRecord, EvalRunOutputItemRecord, EvalRunRecord
 from app.store.models import File, ModelRecord, now
 
@@ -131,7 +139,9 @@ def sampling_params(obj: Any, settings) -> dict[str, Any]:
 
 
 def eval_public(e: EvalRecord) -> dict:
-    spec = validate_eval(e.data_source_config, e.testing_criteria)
+    # from the stored definition as it is: a GET never re-validates (nor fails on) an eval
+    cfg = e.data_source_config
+    spec = EvalSpec(cfg["item_schema"], bool(cfg.get("include_sample_schema")), ())
     return {"object": "eval", "id": e.id, "name": e.name, "created_at": e.created_at,
             "metadata": e.user_metadata, "data_source_config": spec.response_data_source_config(),
             "testing_criteria": e.testing_criteria}
@@ -359,8 +369,8 @@ def create_run(eval_id: EvalId, body: Annotated[Any, Body()], request: Request, 
     _unknown(ds, {"type", "model", "source", "input_messages", "sampling_params"}, "data_source.")
     name, metadata = _name(body.get("name")), _metadata(body.get("metadata"))
     model = visible_model(session, tenant.id, ds.get("model"))
-    spec = validate_eval(e.data_source_config, e.testing_criteria)
     try:
+        spec = validate_eval(e.data_source_config, e.testing_criteria)
         parse_input_messages(ds.get("input_messages"), spec.item_schema)
     except EvalSpecError as err:
         raise spec_error(err) from None

@@ -115,7 +115,8 @@ def test_evals_flow_with_the_official_client(start_service, learnable_base_dir):
     base_per = {r["testing_criteria"]: r for r in extra["base_per_testing_criteria_results"]}
     assert list(base_per) == list(per)
     adapter_pass, base_pass = per["label in answer"].passed, base_per["label in answer"]["passed"]
-    print(f"string_check passed: adapter {adapter_pass}/{len(ITEMS)}, base {base_pass}/{len(ITEMS)}")
+    print(f"string_check passed: adapter {adapter_pass}/{len(ITEMS)}, base {base_pass}/{len(ITEMS)}; label passed: "
+          f"adapter {per['by probability'].passed}, base {base_per['by probability']['passed']}")
     assert adapter_pass >= 0.75 * len(ITEMS) and adapter_pass > base_pass
     metrics = {m["testing_criteria"]: m for m in extra["per_testing_criteria_metrics"]}
     assert metrics["by probability"]["accuracy"] == per["by probability"].passed / len(ITEMS)
