@@ -104,6 +104,16 @@ def enqueue_for(settings: Settings) -> Callable[..., None]:
     return enqueue
 
 
+def send_eval_run_for(settings: Settings) -> Callable[[str], None]:
+    """`send(run_id)`: a `run_eval(run_id)` message on the same queue as the jobs."""
+    app = celery_app_for(settings)
+
+    def send(run_id: str) -> None:
+        app.send_task("worker.tasks.run_eval", args=[run_id], queue=settings.celery_queue)
+
+    return send
+
+
 def _compose(**_kw) -> None:
     """The worker's job context sends through this Celery app."""
     set_default_enqueue(enqueue_for(get_settings()))
@@ -160,7 +170,9 @@ def _start_monitor(**_kw) -> None:
     from app.jobs.monitor import Monitor
 
     try:
-        _monitor = Monitor(default_context()).start()
+        ctx = default_context()
+        ctx.extra.setdefault("send_eval_run", send_eval_run_for(get_settings()))  # app.evals.dispatch
+        _monitor = Monitor(ctx).start()
     except Exception:
         log.exception("could not start the job monitor")
 

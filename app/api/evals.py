@@ -34,6 +34,7 @@ from app.evals import (
     EvalSpec,
     EvalSpecError,
     content_rows,
+    dispatch,
     jsonl_rows,
     parse_input_messages,
     validate_eval,
@@ -241,21 +242,28 @@ def visible_model(session: Session, tenant_id: str, model_id: Any) -> ModelRecor
 # ----------------------------------------------------------------------------- enqueue
 
 
-def _send(request: Request, run_id: str) -> None:
-    """Hand the run to the workers, best effort: a broker that is down leaves the run queued."""
-    st = request.app.state
-    try:
-        enqueue = getattr(st, "eval_enqueue", None)
-        if enqueue is None:
-            from worker.celery_app import celery_app_for
+def celery_send_eval(settings):
+    """The Celery producer of `run_eval` messages for these settings, imported at the first send
+    (as `app.api.jobs.celery_enqueue`)."""
+    send = None
 
-            settings = st.settings
-            celery_app_for(settings).send_task("worker.tasks.run_eval", args=[run_id], queue=settings.celery_queue)
-        else:
-            enqueue(run_id)
-    except Exception as e:  # noqa: BLE001 - any broker or transport failure
-        log.warning("could not send eval run %s to the broker (%s: %s); it stays queued", run_id,
-                    type(e).__name__, e)
+    def send_eval(run_id: str) -> None:
+        nonlocal send
+        if send is None:
+            from worker.celery_app import send_eval_run_for
+
+            send = send_eval_run_for(settings)
+        send(run_id)
+
+    return send_eval
+
+
+def _send(request: Request, run_id: str) -> None:
+    """Hand the run to the workers right after its commit, best effort: a run the broker did not
+    take stays queued and the job monitor sends it (app.evals.dispatch)."""
+    from app.api.jobs import _ctx
+
+    dispatch.relay_soon(_ctx(request), [run_id])
 
 
 # ----------------------------------------------------------------------------- evals

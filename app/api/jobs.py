@@ -171,9 +171,12 @@ def celery_enqueue(settings) -> Enqueue:
 def _new_jobs_context(app) -> JobContext:
     st = app.state
     # the app: files the monitor validates (app.jobs.recovery) count tokens with the served tokenizer
+    from app.api.evals import celery_send_eval
+
     st.jobs_context = JobContext(st.settings, st.session_factory, st.blobs,
                                  enqueue=getattr(st, "enqueue", None) or celery_enqueue(st.settings),
-                                 extra={"app": app})
+                                 extra={"app": app, "send_eval_run": getattr(st, "eval_enqueue", None)
+                                        or celery_send_eval(st.settings)})
     return st.jobs_context
 
 

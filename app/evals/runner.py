@@ -17,7 +17,8 @@
 - **An adapter's run also decodes every item on the adapter's base**, as rows with no prefix in
   the same mixed-prefix batches, and grades them with the same criteria: the base's results are
   stored beside the adapter's (`base_*`), never mixed into `per_testing_criteria_results`.
-- A run picked up again after its worker died skips the items already written.
+- A heartbeat thread proves the worker alive; a run whose worker died is queued again by the job
+  monitor (`app.evals.dispatch`), and the next worker skips the items already written.
 - At the end `summarize_run` reads the output items back page by page, for the run's model and
   for the base.
 
@@ -30,6 +31,7 @@ import logging
 import os
 import secrets
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -153,7 +155,30 @@ class EvalRun:
         if res.rowcount != 1:
             raise RunStopped()
 
+    def _heartbeat_loop(self, stop: threading.Event) -> None:
+        """Beats while a batch decodes (a slow model can take longer than the stale threshold)."""
+        interval = max(0.2, min(self.settings.job_heartbeat_s, self.settings.job_stale_after_s / 3))
+        while not stop.wait(interval):
+            try:
+                with self.session() as s:
+                    s.execute(update(EvalRunRecord).where(*self._mine()).values(heartbeat_at=time.time())
+                              .execution_options(synchronize_session=False))
+                    s.commit()
+            except Exception:  # a database hiccup: try again next beat
+                log.warning("eval run %s: heartbeat failed", self.run_id, exc_info=True)
+
     def run(self) -> str:
+        stop = threading.Event()
+        hb = threading.Thread(target=self._heartbeat_loop, args=(stop,), name=f"heartbeat-{self.run_id}",
+                              daemon=True)
+        hb.start()
+        try:
+            return self._run_guarded()
+        finally:
+            stop.set()
+            hb.join(timeout=5)
+
+    def _run_guarded(self) -> str:
         try:
             return self._run()
         except RunStopped:

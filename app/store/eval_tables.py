@@ -78,6 +78,9 @@ class EvalRunRecord(Base):
     worker_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
     heartbeat_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # the broker message it is owed while queued (app.evals.dispatch): last send, and how many
+    sent_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    sends: Mapped[int] = mapped_column(Integer, default=0)
 
     __table_args__ = (Index("ix_eval_runs_eval_created", "eval_id", "created_at"),)
 

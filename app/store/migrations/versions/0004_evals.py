@@ -52,6 +52,8 @@ def upgrade() -> None:
     sa.Column('worker_id', sa.String(length=128), nullable=True),
     sa.Column('heartbeat_at', sa.Float(), nullable=True),
     sa.Column('attempts', sa.Integer(), nullable=False),
+    sa.Column('sent_at', sa.Float(), nullable=True),
+    sa.Column('sends', sa.Integer(), nullable=False),
     sa.ForeignKeyConstraint(['eval_id'], ['evals.id'], ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id')
     )
