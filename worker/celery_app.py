@@ -32,7 +32,7 @@ from celery import signals
 from app.config import get_settings
 from app.jobs.context import default_context, set_default_context, set_default_enqueue
 from app.jobs.monitor import Monitor
-from app.jobs.queue import enqueue_for, make_celery
+from app.jobs.queue import enqueue_for, make_celery, send_eval_run_for
 
 log = logging.getLogger("prefixd.worker")
 
@@ -78,7 +78,9 @@ def _start_monitor(**_kw) -> None:
     """Requeue jobs whose worker died, promote jobs whose files finished validation."""
     global _monitor
     try:
-        _monitor = Monitor(default_context()).start()
+        ctx = default_context()
+        ctx.extra.setdefault("send_eval_run", send_eval_run_for(get_settings()))  # app.evals.dispatch
+        _monitor = Monitor(ctx).start()
     except Exception:
         log.exception("could not start the job monitor")
 

@@ -31,9 +31,9 @@ from app.tenancy import quotas
 log = logging.getLogger("prefixd.files")
 router = APIRouter(prefix="/v1/files", tags=["files"])
 
-LIST_PURPOSES = ("fine-tune", "base-train", "fine-tune-results")  # results: CSVs written by jobs
-UploadPurpose = Literal["fine-tune", "base-train"]
-ListPurpose = Literal["fine-tune", "base-train", "fine-tune-results"]
+LIST_PURPOSES = ("fine-tune", "base-train", "evals", "fine-tune-results")  # results: CSVs written by jobs
+UploadPurpose = Literal["fine-tune", "base-train", "evals"]
+ListPurpose = Literal["fine-tune", "base-train", "evals", "fine-tune-results"]
 ACTIVE_JOB_STATUSES = ("validating_files", "queued", "running")
 
 
@@ -128,7 +128,8 @@ def upload_file(
     settings: SettingsDep,
     background: BackgroundTasks,
     file: Annotated[UploadFile, FileParam(description="the dataset")],
-    purpose: Annotated[UploadPurpose, Form(description="fine-tune (JSONL) or base-train (.txt or JSONL of text)")],
+    purpose: Annotated[UploadPurpose, Form(description="fine-tune (JSONL), base-train (.txt or JSONL of text) "
+                                           "or evals (JSONL of {\"item\": ...} rows)")],
 ) -> FileObject:
     fh = file.file
     fh.seek(0, os.SEEK_END)

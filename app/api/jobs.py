@@ -32,7 +32,7 @@ from app.api.files import token_counter
 from app.jobs import outbox, service
 from app.jobs.context import JobContext
 from app.jobs.monitor import Monitor
-from app.jobs.queue import enqueue_for
+from app.jobs.queue import enqueue_for, send_eval_run_for
 from app.jobs.spec import JobCreate, SpecError, loc_to_param
 
 log = logging.getLogger("prefixd.api.jobs")
@@ -155,10 +155,13 @@ class JobsRoute(APIRoute):
 
 def _new_jobs_context(app) -> JobContext:
     st = app.state
-    # files the monitor validates (app.jobs.recovery) count tokens with the served tokenizer
+    # files the monitor validates (app.jobs.recovery) count tokens with the served tokenizer; eval
+    # runs the monitor relays (app.evals.dispatch) go through the same broker as jobs
     st.jobs_context = JobContext(st.settings, st.session_factory, st.blobs,
                                  enqueue=getattr(st, "enqueue", None) or enqueue_for(st.settings),
-                                 extra={"count_tokens": lambda: token_counter(app)})
+                                 extra={"count_tokens": lambda: token_counter(app),
+                                        "send_eval_run": getattr(st, "eval_enqueue", None)
+                                        or send_eval_run_for(st.settings)})
     return st.jobs_context
 
 

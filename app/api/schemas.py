@@ -118,7 +118,7 @@ class ApiKeyDeleted(BaseModel):
 
 # ---- files ----
 
-FilePurpose = Literal["fine-tune", "base-train", "fine-tune-results"]
+FilePurpose = Literal["fine-tune", "base-train", "evals", "fine-tune-results"]
 
 
 class FileObject(BaseModel):

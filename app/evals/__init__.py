@@ -1,4 +1,6 @@
-"""Pure-logic core of OpenAI's Evals API: no HTTP, SQL or Celery.
+"""Pure-logic core of OpenAI's Evals API: no HTTP, SQL or Celery. (The worker side,
+`app.evals.runner`, is the one module here that uses the database and the model; this package does
+not import it.)
 
 Creation (each raises EvalSpecError(message, param) -> a 400 naming `param`):
     spec = validate_eval(data_source_config, testing_criteria)       # -> EvalSpec

@@ -13,7 +13,7 @@ from app.store.tables import File
 
 log = logging.getLogger("prefixd.files")
 
-UPLOAD_PURPOSES = ("fine-tune", "base-train")
+UPLOAD_PURPOSES = ("fine-tune", "base-train", "evals")  # evals: {"item": ...} rows of eval runs
 
 _validating: set[str] = set()
 _validating_lock = threading.Lock()

@@ -149,10 +149,11 @@ def validate_dataset(
     max_errors: int = 20,
     max_rows: int | None = None,
 ) -> ValidationResult:
-    """Validate a dataset. `purpose` is `fine-tune` or `base-train`; `fmt` is `jsonl` or `text`."""
-    if purpose not in ("fine-tune", "base-train"):
+    """Validate a dataset. `purpose` is `fine-tune`, `base-train` or `evals` (rows `{"item": {...}}`,
+    checked against an eval's item_schema when a run is created); `fmt` is `jsonl` or `text`."""
+    if purpose not in ("fine-tune", "base-train", "evals"):
         raise ValueError(f"unknown purpose {purpose!r}")
-    if purpose == "fine-tune":
+    if purpose in ("fine-tune", "evals"):
         fmt = "jsonl"
     count = count_tokens or estimate_tokens
     res = ValidationResult(ok=True)
@@ -188,6 +189,9 @@ def validate_dataset(
                 continue
             if purpose == "base-train":
                 reason, text = _check_text_record(obj)
+            elif purpose == "evals":
+                reason, text = (None, line) if isinstance(obj.get("item"), dict) else (
+                    'expected {"item": {...}}: an eval row holds its item', "")
             elif "messages" in obj:
                 reason, text = _check_messages(obj)
             elif "prompt" in obj or "completion" in obj:

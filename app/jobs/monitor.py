@@ -12,7 +12,8 @@ compare-and-set, so any number of them can run at once.
    due is sent: a job queued while the broker was down as soon as it answers again, a job whose
    message the broker lost (restarted empty) `JOB_RESEND_AFTER_S` after its send, if no worker
    claimed it by then (duplicates are harmless: the claim is a CAS).
-4. (first) files left `uploaded` by a replica that died before validating them, and (last, every
+4. eval runs (`app.evals.dispatch`): the same two steps, for runs instead of jobs.
+5. (first) files left `uploaded` by a replica that died before validating them, and (last, every
    `sweep_interval_s`) orphan blobs: see `app.jobs.recovery`.
 """
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 import logging
 import threading
 
+from app.evals import dispatch
 from app.jobs import outbox, recovery, state
 from app.jobs.context import JobContext
 from app.jobs.service import promote_validating
@@ -38,8 +40,15 @@ def check_once(ctx: JobContext) -> list[str]:
         outbox.tidy(s, settings)
         s.commit()
     sent = outbox.relay(ctx)
+    _guarded("eval runs", _eval_runs, ctx)
     _guarded("orphan blob sweep", recovery.maybe_sweep_orphans, ctx)
     return sent
+
+
+def _eval_runs(ctx) -> None:
+    """Eval runs owed a message, or whose worker died (app.evals.dispatch)."""
+
+    dispatch.check_once(ctx)
 
 
 def _guarded(what: str, step, ctx) -> None:

@@ -16,6 +16,7 @@ from celery import Celery
 from app.config import Settings
 
 RUN_JOB_TASK = "worker.tasks.run_job"
+RUN_EVAL_TASK = "worker.tasks.run_eval"
 VISIBILITY_TIMEOUT_S = 7 * 24 * 3600
 # a Redis reply takes milliseconds, and the consumer's BRPOP (polling_interval 0.5 s) runs in the
 # event loop, which applies no socket timeout
@@ -83,3 +84,12 @@ def enqueue_for(settings: Settings) -> Callable[..., None]:
                                          countdown=countdown)
 
     return enqueue
+
+
+def send_eval_run_for(settings: Settings) -> Callable[[str], None]:
+    """`send(run_id)`: a `run_eval(run_id)` message on the same queue as the jobs."""
+
+    def send(run_id: str) -> None:
+        producer_for(settings).send_task(RUN_EVAL_TASK, args=[run_id], queue=settings.celery_queue)
+
+    return send

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from alembic import context
 
+import app.store.eval_tables  # noqa: F401  (its tables join Base.metadata)
 from app.config import get_settings
 from app.store.db import make_engine
 from app.store.tables import Base
