@@ -31,7 +31,7 @@ def evals_api(base_url: str):
             yield
     except CLIError as e:
         if e.status == 404 and (e.code is None or e.message.startswith("Unknown route")):
-            raise CLIError(f"this server has no Evals API ({base_url}/evals answered 404: {e.message})") from None
+            raise CLIError(f"this server has no Evals API (404: {e.message})") from None
         raise
 
 

@@ -62,22 +62,29 @@ def check(response):
 
 @contextmanager
 def api_errors(base_url: str):
-    """Turn client exceptions into CLIErrors carrying the API's message."""
+    """Turn client exceptions into CLIErrors carrying the API's message. Commands that only use
+    httpx never import openai (it costs about half a second at every start)."""
     import httpx
-    import openai
 
     try:
         yield
-    except openai.APIStatusError as e:
-        message, code = _envelope_message(e.body)
-        raise CLIError(message or str(e), status=e.status_code, code=code) from None
-    except openai.APIConnectionError as e:
-        raise CLIError(f"cannot reach the server at {base_url}: {e.__cause__ or e}") from None
-    except openai.APIError as e:  # an error event inside a stream
-        message, code = _envelope_message(e.body)
-        raise CLIError(message or e.message, code=code) from None
     except httpx.TransportError as e:
         raise CLIError(f"cannot reach the server at {base_url}: {e}") from None
+    except Exception as e:
+        openai = sys.modules.get("openai")
+        if openai is None or not isinstance(e, openai.APIError):
+            raise
+        raise _openai_error(openai, e, base_url) from None
+
+
+def _openai_error(openai, e, base_url: str) -> CLIError:
+    if isinstance(e, openai.APIStatusError):
+        message, code = _envelope_message(e.body)
+        return CLIError(message or str(e), status=e.status_code, code=code)
+    if isinstance(e, openai.APIConnectionError):
+        return CLIError(f"cannot reach the server at {base_url}: {e.__cause__ or e}")
+    message, code = _envelope_message(e.body)  # an error event inside a stream
+    return CLIError(message or e.message, code=code)
 
 
 def plain(value: Any) -> str:
