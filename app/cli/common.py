@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from app.cli.config import Config
-from app.cli.output import Out
+from app.cli.output import CLIError, Out
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the API's object as one JSON document on stdout "
                                                       "(progress goes to stderr).")]
@@ -29,6 +29,4 @@ def served_base(client) -> str:
     for m in models:
         if getattr(m, "kind", None) == "base" and getattr(m, "served", False):
             return m.id
-    from app.cli.output import CLIError
-
     raise CLIError("the server serves no base yet (is it still loading?); pass --model")
