@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from app.api import admin, admin_serving, completions, files, health, jobs, models
+from app.api import admin, admin_serving, completions, console, files, health, jobs, models
 
 ROUTERS = [
     health.router,
@@ -12,4 +12,5 @@ ROUTERS = [
     admin_serving.router,
     models.router,
     completions.router,
+    console.router,
 ]
