@@ -58,6 +58,7 @@ class Console:
     def __init__(self, svc, tenant, browser):
         self.svc, self.tenant, self.browser = svc, tenant, browser
         self.dialogs: list[str] = []
+        self.urls: list[str] = []  # every URL a page asked for: the key must be in none
         self.job_id: str | None = None
         self.page = self.new_page()
 
@@ -65,6 +66,7 @@ class Console:
         page = self.browser.new_page(viewport={"width": 1360, "height": 900})
         page.set_default_timeout(20_000)
         page.on("dialog", self._on_dialog)
+        page.on("request", lambda request: self.urls.append(request.url))
         return page
 
     def _on_dialog(self, dialog):
@@ -84,9 +86,9 @@ class Console:
         # the shell marks the view with its route once the page has rendered
         page.wait_for_function("h => document.getElementById('view').dataset.route === h", arg=hash_)
 
-    def shot(self, name: str, page=None):
+    def shot(self, name: str, page=None, full_page: bool = True):
         SHOTS.mkdir(parents=True, exist_ok=True)
-        (page or self.page).screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+        (page or self.page).screenshot(path=str(SHOTS / f"{name}.png"), full_page=full_page)
 
 
 @pytest.fixture(scope="module")
@@ -150,6 +152,11 @@ def test_root_serves_the_sign_in_page_with_a_strict_csp(console):
     csp = r.headers["content-security-policy"]
     assert "default-src 'self'" in csp and "script-src 'self'" in csp and "unsafe-inline" not in csp
     assert 'id="sign-in-form"' in r.text and "<script>" not in r.text
+    # assets come from a fixed table: no path outside it
+    for path in ("/ui/assets/js/app.js", "/ui/assets/console.css", "/ui/vendor/uPlot.esm.js"):
+        assert httpx.get(console.svc.base_url + path).status_code == 200, path
+    for path in ("/ui/assets/../../main.py", "/ui/assets/%2e%2e/__init__.py", "/ui/vendor/package.json"):
+        assert httpx.get(console.svc.base_url + path).status_code == 404, path
     page = console.page
     page.goto(console.svc.base_url + "/")
     assert page.url.endswith("/ui")
@@ -166,6 +173,7 @@ def test_sign_in_upload_and_see_bad_lines_as_text(console):
     assert "sk-" not in page.url
     assert page.evaluate("sessionStorage.getItem('prefixd.key')") == c.tenant.key
     c.go("#/files")
+    assert not [u for u in c.urls if c.tenant.key in u]
     upload(page, "task.jsonl", TRAIN_JSONL)
     upload(page, HOSTILE_NAME, BAD_JSONL)
     bad = page.locator("section.bad-file")
@@ -192,6 +200,7 @@ def test_start_a_job_and_watch_its_curve_grow(console):
         o for o in form.get_by_label("Training file").locator("option").all_text_contents() if "task.jsonl" in o))
     form.get_by_label("Suffix").fill("html")
     form.get_by_label("Seed").fill("0")
+    form.get_by_label("Epochs").fill("20")  # 680 steps: enough to learn the answers' HTML
     form.get_by_role("button", name="Start job").click()
     page.locator("#job-summary").wait_for()
     c.job_id = page.url.rsplit("/", 1)[-1]
@@ -209,7 +218,8 @@ def test_start_a_job_and_watch_its_curve_grow(console):
     page.locator("#job-status", has_text="succeeded").wait_for(timeout=90_000)
     page.locator("#results table").wait_for()
     page.locator("#checkpoints table").wait_for()
-    c.shot("jobs")
+    c.shot("jobs", full_page=False)  # docs/img/jobs.png: the summary and the loss curve
+    c.shot("job-detail")
     c.go("#/jobs")
     page.locator("#job-list td a", has_text=c.job_id).wait_for()
     c.shot("job-list")
@@ -247,6 +257,23 @@ def test_playground_streams_base_and_adapter_side_by_side(console, adapter):
     c.shot("playground")
 
 
+def test_charts_unavailable_without_the_library(console, adapter):
+    """A server whose npm step did not run: the vendor file 404s, and the job page says so."""
+    c = console
+    page = c.new_page()
+    try:
+        page.route("**/ui/vendor/**", lambda route: route.fulfill(status=404, body="{}"))
+        c.sign_in(c.tenant.key, page)
+        c.go(f"#/jobs/{c.job_id}", page)
+        box = page.locator("#loss-chart .chart.unavailable")
+        assert "Charts are unavailable" in box.text_content()
+        assert int(box.get_attribute("data-points")) > 0 and page.locator("#loss-chart canvas").count() == 0
+        page.locator("#job-status", has_text="succeeded").wait_for()
+        c.shot("job-without-charts", page, full_page=False)
+    finally:
+        page.close()
+
+
 def test_cancel_a_job(console, adapter):
     c, page = console, console.page
     f = c.tenant.client.get("/v1/files", params={"purpose": "fine-tune"}).json()["data"]
@@ -276,8 +303,21 @@ def test_admin_view_tenants_keys_and_serving(console):
     c = console
     page = c.new_page()
     try:
-        c.sign_in(c.svc.admin_key, page)
+        # by keyboard alone: the key field has the focus, Enter signs in, the links are in the tab order
+        page.goto(c.svc.base_url + "/ui")
+        page.keyboard.type(c.svc.admin_key)
+        page.keyboard.press("Enter")
+        page.locator("#tenant-list a").first.wait_for()
         assert page.locator("#who").text_content() == "admin"
+        page.locator("#view h1:focus").wait_for()  # the page's heading takes the focus
+        for _ in range(6):  # back up from it: Sign out, then the links
+            page.keyboard.press("Shift+Tab")
+            if page.evaluate("() => document.activeElement.textContent") == "Bases & serving":
+                break
+        assert page.evaluate("() => document.activeElement.textContent") == "Bases & serving"
+        page.keyboard.press("Enter")
+        page.locator("#serving-status").wait_for()
+        page.go_back()
         page.locator("#tenant-list a", has_text="console-tenant").click()
         page.locator("#tenant-info table").wait_for()
         assert page.locator("#tenant-info td", has_text="storage (bytes)").count() == 1

@@ -21,7 +21,7 @@ export async function lineChart(container, { xLabel, yLabel, series, height = 26
     el.classList.add("unavailable");
     el.append(h("p", { class: "message" },
       "Charts are unavailable: the charting library (uPlot) is not installed on this server. " +
-      "`make run` installs it with npm ci; the numbers below are still live."));
+      "make run (or make console) installs it with npm ci; the numbers stay live."));
     return { setData(data) { el.dataset.points = String(data[0].length); }, el };
   }
   const opts = {

@@ -99,29 +99,28 @@ async function renderList(view) {
 
 // ---------------------------------------------------------------- one job
 
-/** Newest-first events, kept by id; `poll` adds those newer than the newest one seen. */
+/** A job's events in the server's order (oldest first here); `poll` adds those newer than the newest seen. */
 class EventLog {
   constructor(jobId) {
     this.path = `/v1/fine_tuning/jobs/${enc(jobId)}/events`;
-    this.byId = new Map();
+    this.seen = new Set();
+    this.events = [];
   }
 
   async poll() {
+    const fresh = []; // newest first, as the API pages them
     let after = null;
     for (let pages = 0; pages < 50; pages += 1) {
       const page = await get(`${this.path}?limit=100${after ? `&after=${enc(after)}` : ""}`);
-      let sawKnown = false;
+      let reachedKnown = false;
       for (const ev of page.data) {
-        if (this.byId.has(ev.id)) sawKnown = true; else this.byId.set(ev.id, ev);
+        if (this.seen.has(ev.id)) { reachedKnown = true; break; }
+        fresh.push(ev);
       }
-      if (sawKnown || !page.has_more || !page.data.length) return;
+      if (reachedKnown || !page.has_more || !page.data.length) break;
       after = page.data[page.data.length - 1].id;
     }
-  }
-
-  /** Oldest first. */
-  get events() {
-    return [...this.byId.values()].sort((a, b) => a.created_at - b.created_at || (a.id < b.id ? -1 : 1));
+    for (const ev of fresh.reverse()) { this.seen.add(ev.id); this.events.push(ev); }
   }
 
   /** One metrics point per step (a resumed run may repeat a step: the last one wins). */
