@@ -146,6 +146,16 @@ def upload(page, name: str, content: str):
         {"name": name, "mimeType": "application/jsonl", "buffer": content.encode()})
 
 
+def drop(page, name: str, content: str):
+    """A file dropped on the drop zone, as a drag from the desktop delivers it."""
+    transfer = page.evaluate_handle("""([name, text]) => {
+        const dt = new DataTransfer();
+        dt.items.add(new File([text], name, {type: "application/jsonl"}));
+        return dt;
+    }""", [name, content])
+    page.dispatch_event("#drop-zone", "drop", {"dataTransfer": transfer})
+
+
 def test_root_serves_the_sign_in_page_with_a_strict_csp(console):
     r = httpx.get(console.svc.base_url + "/", follow_redirects=True)
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
@@ -175,9 +185,11 @@ def test_sign_in_upload_and_see_bad_lines_as_text(console):
     c.go("#/files")
     assert not [u for u in c.urls if c.tenant.key in u]
     upload(page, "task.jsonl", TRAIN_JSONL)
-    upload(page, HOSTILE_NAME, BAD_JSONL)
+    page.locator("#file-list td", has_text="task.jsonl").wait_for()
+    drop(page, HOSTILE_NAME, BAD_JSONL)
     bad = page.locator("section.bad-file")
     bad.wait_for()
+    page.locator(".progress-text", has_text="Validation finished.").wait_for()
     # each bad line with its number and reason; the hostile name is text, never an element
     rows = bad.locator("tbody tr")
     assert rows.count() == 2
@@ -230,6 +242,17 @@ def test_playground_streams_base_and_adapter_side_by_side(console, adapter):
     c.go("#/models")
     page.locator("#model-list code", has_text=adapter).wait_for()
     c.shot("models")
+    # export to PEFT, and import that zip back as a new adapter
+    with page.expect_download() as download:
+        page.get_by_role("button", name=f"Export {adapter} as PEFT").click()
+    peft_zip = download.value.path()
+    page.get_by_text("Import a PEFT adapter").click()
+    form = page.locator("#import-model")
+    form.get_by_label("PEFT prefix-tuning zip").set_input_files(peft_zip)
+    form.get_by_label("Suffix").fill("reimported")
+    form.get_by_role("button", name="Import").click()
+    page.locator(".message.ok", has_text="Imported as ft:learnable:").wait_for()
+    page.locator("#model-list code", has_text=":reimported:").wait_for()
     c.go("#/playground/" + adapter)
     form = page.locator("#playground-form")
     form.get_by_label("Prompt").fill(PROMPT)

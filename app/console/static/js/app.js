@@ -45,30 +45,40 @@ function renderNav(current) {
   $("who").textContent = session.role === "admin" ? "admin" : "tenant";
 }
 
+let routeSeq = 0;
+
 async function route() {
   if (cleanup) { cleanup(); cleanup = null; }
+  const seq = ++routeSeq;
+  const hash = location.hash;
   if (!session.key) return showSignIn();
-  const [slug, ...rest] = location.hash.replace(/^#\/?/, "").split("/").map(decodeURIComponent);
+  const [slug, ...rest] = hash.replace(/^#\/?/, "").split("/").map(decodeURIComponent);
   const list = pages();
   const entry = list.find(([s]) => s === slug);
   if (!entry) { location.replace(`#/${list[0][0]}`); return; }
   $("sign-in").hidden = true;
   renderNav(slug);
-  const view = clear($("view"));
+  const view = $("view");
+  // each page renders into its own element: one left behind by a quick navigation writes nowhere
+  const pageEl = h("div", { class: "page" });
+  view.replaceChildren(pageEl);
   view.hidden = false;
   view.dataset.page = slug;
   delete view.dataset.route;
+  let done = null;
   try {
-    cleanup = (await entry[2].render(view, rest.filter(Boolean))) || null;
+    done = (await entry[2].render(pageEl, rest.filter(Boolean))) || null;
   } catch (e) {
     if (e instanceof ApiError && e.status === 401) {
       session.clear();
       return showSignIn(`Signed out: ${e.message}`);
     }
-    append(view, [h("p", { class: "message error", role: "alert" }, e.message || String(e))]);
+    append(pageEl, [h("p", { class: "message error", role: "alert" }, e.message || String(e))]);
   }
-  view.dataset.route = location.hash;
-  const heading = view.querySelector("h1");
+  if (seq !== routeSeq) { if (done) done(); return; } // navigated away meanwhile
+  cleanup = done;
+  view.dataset.route = hash;
+  const heading = pageEl.querySelector("h1");
   if (heading) { heading.tabIndex = -1; heading.focus({ preventScroll: true }); }
 }
 
@@ -89,6 +99,7 @@ $("sign-in-form").addEventListener("submit", async (event) => {
 
 $("sign-out").addEventListener("click", () => {
   session.clear();
+  routeSeq += 1;
   if (cleanup) { cleanup(); cleanup = null; }
   history.replaceState(null, "", "/ui");
   showSignIn();
