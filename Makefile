@@ -4,7 +4,7 @@ BASE ?=
 PY := .venv/bin/python
 PIP := .venv/bin/pip
 
-.PHONY: venv test run bench-quick clean
+.PHONY: venv console test run bench-quick clean
 
 # Install torch's CPU wheel first so that the project's torch range installs nothing more.
 .venv/.installed: pyproject.toml
@@ -14,7 +14,16 @@ PIP := .venv/bin/pip
 	$(PIP) install -q -e '.[dev]'
 	touch $@
 
-venv: .venv/.installed
+# The console's charting library (uPlot), from the committed lock file; without npm the console
+# still runs, its charts replaced by a note.
+CONSOLE_DEPS := app/console/node_modules/.package-lock.json
+$(CONSOLE_DEPS): app/console/package.json app/console/package-lock.json
+	@if command -v npm >/dev/null 2>&1; then cd app/console && npm ci --no-audit --no-fund --loglevel=error; \
+	else echo "npm not found: the web console will run without charts (install Node.js and npm)" >&2; fi
+
+console: $(CONSOLE_DEPS)
+
+venv: .venv/.installed console
 
 # lint first (seconds), then the suite
 test: venv
@@ -31,4 +40,4 @@ else
 endif
 
 clean:
-	rm -rf .venv var
+	rm -rf .venv var app/console/node_modules

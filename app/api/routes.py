@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from app.api import admin, admin_serving, completions, evals, files, health, jobs, models
+from app.api import admin, admin_serving, completions, console, evals, files, health, jobs, models
 
 ROUTERS = [
     health.router,
@@ -13,4 +13,5 @@ ROUTERS = [
     models.router,
     completions.router,
     evals.router,
+    console.router,
 ]
