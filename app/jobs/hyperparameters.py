@@ -12,7 +12,14 @@ from __future__ import annotations
 
 import math
 
-from app.ml.config import DEFAULT_ARCHITECTURE, DEFAULT_SIZE, PRESETS, BaseTrainingConfig, PrefixTrainingConfig
+from app.ml.config import (
+    DEFAULT_ARCHITECTURE,
+    DEFAULT_SIZE,
+    PRESETS,
+    BaseTrainingConfig,
+    PrefixTrainingConfig,
+    candidate_lengths,
+)
 
 _PREFIX_FIELDS = ("num_virtual_tokens", "prefix_projection", "projection_hidden_size", "init", "init_text")
 
@@ -37,6 +44,8 @@ def prefix_training_config(spec: dict, seed: int, n_train: int) -> tuple[PrefixT
     epoch count is pinned, since the checkpoints carry it."""
     hp = spec.get("hyperparameters") or {}
     kw = {name: spec[name] for name in _PREFIX_FIELDS if spec.get(name) is not None}
+    if not isinstance(kw.get("num_virtual_tokens", 0), int):  # a search: the length comes later
+        kw.pop("num_virtual_tokens")
     kw.update({name: hp[name] for name in ("n_epochs", "batch_size") if _given(hp.get(name))})
     kw.update({name: hp[name] for name in ("max_seq_len", "eval_every") if hp.get(name) is not None})
     cfg = PrefixTrainingConfig(**kw, seed=seed)
@@ -58,6 +67,22 @@ def prefix_training_config(spec: dict, seed: int, n_train: int) -> tuple[PrefixT
                 "projection_hidden_size": cfg.projection_hidden_size if cfg.prefix_projection else None,
                 "init": cfg.init, "hyperparameters": resolved_hp}
     return cfg, resolved, total
+
+
+def searched_lengths(spec: dict, max_num_virtual_tokens: int, free_positions: int) -> list[int] | None:
+    """The candidate lengths of a length search (None: the job trains one length). "auto" is the
+    geometric grid up to what the settings and the context that the data leaves free allow."""
+    p = spec.get("num_virtual_tokens")
+    bound = min(max_num_virtual_tokens, free_positions)
+    if p == "auto":
+        return candidate_lengths(min(bound, 256))
+    if isinstance(p, dict):
+        lengths = sorted({n for n in p["search"] if n <= bound})
+        if not lengths:
+            raise HyperparameterError(f"no searched length fits the {bound} positions the data leaves free",
+                                      "method.prefix.num_virtual_tokens")
+        return lengths
+    return None
 
 
 def base_training_config(spec: dict) -> tuple[BaseTrainingConfig, dict]:

@@ -32,13 +32,19 @@ from sqlalchemy import func, select
 from app.jobs import outbox, state, storage_full
 from app.jobs.context import JobContext, default_context
 from app.jobs.datasets import DataError, eval_subset, holdout_split, read_corpus, read_jsonl, results_csv
-from app.jobs.hyperparameters import HyperparameterError, base_training_config, prefix_training_config
+from app.jobs.hyperparameters import (
+    HyperparameterError,
+    base_training_config,
+    prefix_training_config,
+    searched_lengths,
+)
 from app.jobs.service import fine_tuned_model_id, new_base_id
 from app.ml.adapter import adapter_from_bytes, adapter_to_bytes
 from app.ml.base import load_base, resolve_device
 from app.ml.callbacks import Progress, TrainingCallbacks
 from app.ml.data import example_from_record
 from app.ml.evaluate import evaluate
+from app.ml.length_search import DEFAULT_TOLERANCE, search_prefix_length
 from app.ml.pretrain import train_base
 from app.ml.train import train_prefix
 from app.store.base_registry import blob_prefix, materialize_base, record_base, upload_base
@@ -291,6 +297,12 @@ class JobCallbacks(TrainingCallbacks):
     def on_eval(self, step: int, metrics: dict) -> None:
         pass  # the next metrics event carries valid_loss
 
+    def on_search_rung(self, step: int, rung: dict) -> None:
+        losses = ", ".join(f"{n}: {_fmt(loss)}" for n, loss in rung["losses"].items())
+        self.run.event(f"Length search at step {step}: validation loss by length {{{losses}}}; kept {rung['kept']}",
+                       data={"step": step, "losses": {str(n): v for n, v in rung["losses"].items()},
+                             "kept": rung["kept"]})
+
     def on_checkpoint(self, step: int, metrics: dict) -> None:
         # A worker that lost the job (requeued after a stall) must not touch the new holder's
         # checkpoint blobs: prove ownership first.
@@ -400,6 +412,22 @@ def _examples(run: JobRun, records: list[dict], what: str, tokenizer):
     return out
 
 
+def _searched_lengths(run: JobRun, spec: dict, base, train, valid) -> list[int] | None:
+    """The lengths a search tries, or None for a plain job (also when there is nothing to validate
+    a search on: then the job trains the default length and says so)."""
+    if not isinstance(spec.get("num_virtual_tokens"), str | dict):
+        return None
+    if not valid:
+        run.event("No validation data to compare prefix lengths on: training the default length")
+        return None
+    longest = max(len(base.tokenizer(x.prompt + x.completion)["input_ids"]) for x in train[:2000]) + 1
+    try:
+        return searched_lengths(spec, run.ctx.settings.max_num_virtual_tokens,
+                                base.geometry.max_positions - longest)
+    except (HyperparameterError, ValueError) as e:
+        raise JobFailure("invalid_method", str(e), "method.prefix.num_virtual_tokens") from None
+
+
 def run_prefix_job(run: JobRun) -> str:
     with run.session() as s:
         job = s.get(Job, run.job_id)
@@ -424,6 +452,9 @@ def run_prefix_job(run: JobRun) -> str:
                       else "no validation data (fewer than 50 training examples)")
 
     cfg, resolved, total = prefix_training_config(spec, job.seed, len(train))
+    candidates = _searched_lengths(run, spec, base, train, valid)
+    if candidates:
+        resolved["num_virtual_tokens"] = spec["num_virtual_tokens"]  # until the search has chosen
     if cfg.init == "adapter":
         cfg.init_adapter = _load_init_adapter(run, spec.get("init_adapter"), job.model)
     with run.session() as s:
@@ -440,7 +471,22 @@ def run_prefix_job(run: JobRun) -> str:
               f"({split_note}); {total} steps", data={"total_steps": total, "train_examples": len(train),
                                                         "valid_examples": len(valid)})
     callbacks = JobCallbacks(run, ft_id)
-    result = train_prefix(base, train, valid or None, cfg, callbacks, checkpoint_dir=ckpt_dir)
+    if candidates:
+        tolerance = spec.get("length_search_tolerance")
+        tolerance = DEFAULT_TOLERANCE if tolerance is None else tolerance
+        run.event(f"Searching the prefix length among {candidates}: trained packed, halved by validation loss",
+                  data={"candidates": candidates, "tolerance": tolerance})
+        search = search_prefix_length(base, train, valid, cfg, candidates, tolerance=tolerance, callbacks=callbacks)
+        result = search.result
+        resolved = {**resolved, "num_virtual_tokens": search.chosen,
+                    "length_search": {"candidates": candidates, "tolerance": tolerance, "curve": search.curve}}
+        with run.session() as s:
+            s.get(Job, run.job_id).method = {"type": "prefix", "prefix": resolved}
+            s.commit()
+        if not result.cancelled:
+            run.event(f"Chose a prefix of {search.chosen} virtual tokens", data={"curve": search.curve})
+    else:
+        result = train_prefix(base, train, valid or None, cfg, callbacks, checkpoint_dir=ckpt_dir)
     if run.lost.is_set():
         raise LostJob()
     trained = int(result.metrics.get("trained_tokens") or 0)

@@ -72,9 +72,18 @@ class SupervisedHyperparameters(_Strict):
     learning_rate_multiplier: Annotated[float, Field(gt=0, le=MAX_LR_MULTIPLIER)] | Auto = "auto"
 
 
+class LengthSearch(_Strict):
+    search: list[Annotated[int, Field(ge=1)]] = Field(
+        min_length=1, max_length=16, description="Candidate prefix lengths, trained packed and halved")
+
+
 class PrefixSpec(_Strict):
-    num_virtual_tokens: Annotated[int, Field(ge=1)] | None = Field(
-        None, description="Prefix length P (≤ settings.max_num_virtual_tokens). Default: engine default.")
+    num_virtual_tokens: Annotated[int, Field(ge=1)] | Auto | LengthSearch | None = Field(
+        None, description="Prefix length P (≤ settings.max_num_virtual_tokens); \"auto\" or {\"search\": [...]} "
+        "searches it (docs/LENGTH_SEARCH.md). Default: engine default.")
+    length_search_tolerance: Annotated[float, Field(ge=0, le=1)] | None = Field(
+        None, description="A search picks the shortest length within this relative margin of the best "
+        "validation loss. Default 0.02.")
     prefix_projection: bool | None = Field(
         None, description="Train through Li & Liang's reparameterisation MLP. Default: engine default.")
     projection_hidden_size: Annotated[int, Field(ge=1, le=MAX_PROJECTION_HIDDEN)] | None = None
@@ -244,7 +253,11 @@ def check_limits(method: dict, settings: Settings) -> None:
     if kind != "prefix":
         return
     p = spec.get("num_virtual_tokens")
-    if p is not None and p > settings.max_num_virtual_tokens:
+    if isinstance(p, dict):
+        if any(n > settings.max_num_virtual_tokens for n in p["search"]):
+            raise SpecError(f"every searched length must be at most {settings.max_num_virtual_tokens} "
+                            f"(settings.max_num_virtual_tokens), got {p['search']}", f"{where}.num_virtual_tokens")
+    elif isinstance(p, int) and p > settings.max_num_virtual_tokens:
         raise SpecError(f"num_virtual_tokens must be at most {settings.max_num_virtual_tokens} "
                         f"(settings.max_num_virtual_tokens), got {p}", f"{where}.num_virtual_tokens")
     init = spec.get("init")

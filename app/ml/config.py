@@ -221,3 +221,17 @@ PRESETS: dict[tuple[str, str], Preset] = _presets()
 # Llama style learns faster than GPT-2 style for the same compute on the CPU build.
 DEFAULT_ARCHITECTURE = "llama"
 DEFAULT_SIZE = "default"
+
+
+def candidate_lengths(upper: int, lower: int = 1) -> list[int]:
+    """The geometric grid 1, 2, 4, ... up to `upper` (which is added when it is not a power of 2)."""
+    if upper < lower:
+        raise ValueError(f"no prefix length fits: the bound is {upper}")
+    out, p = [], 1
+    while p <= upper:
+        if p >= lower:
+            out.append(p)
+        p *= 2
+    if out[-1] != upper and upper >= 128:  # the grid's top is worth trying only for long prefixes
+        out.append(upper)
+    return out

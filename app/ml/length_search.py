@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from app.ml.adapter import Adapter
 from app.ml.callbacks import Progress, TrainingCallbacks
-from app.ml.config import PrefixTrainingConfig
+from app.ml.config import PrefixTrainingConfig, candidate_lengths  # noqa: F401  (part of this API)
 from app.ml.data import IGNORE_INDEX, collate, sorted_batches, tokenize_example
 from app.ml.kvcache import FrozenPrefixCache, ModelGeometry, keeps_logits_by_mask, positions_from_mask
 from app.ml.prefix import PrefixConfig, PrefixEncoder
@@ -51,20 +51,6 @@ DEFAULT_MAX_PACKED_ROWS = 256  # rows per forward pass before the candidates are
 
 class LengthSearchError(ValueError):
     pass
-
-
-def candidate_lengths(upper: int, lower: int = 1) -> list[int]:
-    """The geometric grid 1, 2, 4, ... up to `upper` (which is added when it is not a power of 2)."""
-    if upper < lower:
-        raise LengthSearchError(f"no prefix length fits: the bound is {upper}")
-    out, p = [], 1
-    while p <= upper:
-        if p >= lower:
-            out.append(p)
-        p *= 2
-    if out[-1] != upper and upper >= 128:  # the grid's top is worth trying only for long prefixes
-        out.append(upper)
-    return out
 
 
 def rung_steps(num_candidates: int, total_steps: int) -> list[int]:

@@ -530,3 +530,33 @@ def test_a_worker_without_its_device_fails_jobs_with_the_reason(monkeypatch):
     with pytest.raises(JobFailure) as e:
         job_device(Settings(device="cuda:0"))
     assert e.value.code == "device_unavailable" and "no CUDA device" in e.value.message and "DEVICE" in e.value.message
+
+
+# ----------------------------------------------------------------------------- prefix-length search
+
+
+def test_a_length_search_job_records_its_rungs_its_curve_and_its_choice(env):
+    method = {"type": "prefix", "prefix": {"num_virtual_tokens": {"search": [1, 4, 8]},
+                                           "hyperparameters": {"n_epochs": 2, "batch_size": 16}}}
+    job = env.create({"model": "tiny", "training_file": env.add_file(rows=_dataset(80)), "method": method})
+    assert runner.run_job(job.id, env.ctx) == "succeeded"
+    j = _job(env, job.id)
+    prefix = j.method["prefix"]
+    search = prefix["length_search"]
+    assert search["candidates"] == [1, 4, 8] and search["tolerance"] == 0.02
+    assert prefix["num_virtual_tokens"] in (1, 4, 8)
+    assert {c["num_virtual_tokens"] for c in search["curve"]} == {1, 4, 8}
+    messages = [e.message for e in _events(env, job.id)]
+    assert sum(m.startswith("Length search at step") for m in messages) == 2  # 3 -> 2 -> 1
+    assert f"Chose a prefix of {prefix['num_virtual_tokens']} virtual tokens" in messages
+    with env.sf() as s:
+        rec = s.scalars(select(ModelRecord).where(ModelRecord.job_id == job.id)).one()
+        assert rec.num_virtual_tokens == prefix["num_virtual_tokens"]
+
+
+@pytest.mark.parametrize("value", [{"search": []}, {"search": [4, 513]}, {"search": [0]}, "longest"])
+def test_bad_search_lists_name_the_length(env, value):
+    method = {"type": "prefix", "prefix": {"num_virtual_tokens": value}}
+    with pytest.raises(SpecError) as e:
+        env.create({"model": "tiny", "training_file": env.add_file(), "method": method})
+    assert e.value.param == "method.prefix.num_virtual_tokens"

@@ -48,7 +48,7 @@ def test_grid_and_rungs():
     assert candidate_lengths(64) == [1, 2, 4, 8, 16, 32, 64]
     assert candidate_lengths(200) == [1, 2, 4, 8, 16, 32, 64, 128, 200]
     assert candidate_lengths(5) == [1, 2, 4]
-    with pytest.raises(LengthSearchError):
+    with pytest.raises(ValueError):
         candidate_lengths(0)
     assert rung_steps(8, 80) == [10, 20, 40]  # three halvings: 8 -> 4 -> 2 -> 1
     assert rung_steps(9, 64) == [4, 8, 16, 32]
