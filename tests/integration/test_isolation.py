@@ -35,9 +35,12 @@ GOOD_JSONL = "".join(json.dumps({"prompt": f"item {i} ->", "completion": " ok"})
 # a fake id of the same shape for each kind of resource: B must get the same answer for A's id
 FAKE = {"file": "file-000000000000000000000000", "job": "ftjob-000000000000000000000000",
         "adapter": "ft:gpt2:tenant-000000000000:x:import-000000000000000000000000",
-        "tenant": "tenant-000000000000000000000000", "key": "key-000000000000000000000000"}
+        "tenant": "tenant-000000000000000000000000", "key": "key-000000000000000000000000",
+        "eval": "eval_0000000000000000000000000", "run": "evalrun_0000000000000000000000000",
+        "item": "outputitem_000000000000000000000000"}
 PATH_PARAM_KIND = {"file_id": "file", "fine_tuning_job_id": "job", "model_id": "adapter",
-                   "tenant_id": "tenant", "key_id": "key"}
+                   "tenant_id": "tenant", "key_id": "key", "eval_id": "eval", "run_id": "run",
+                   "output_item_id": "item"}
 
 
 def peft_zip(base_dir: str, P: int, seed: int) -> bytes:
@@ -131,6 +134,33 @@ def _by_id(path: str):
     return lambda ctx: [(path, {}, 404)]
 
 
+EVAL_ITEM_SCHEMA = {"type": "object", "properties": {"q": {"type": "string"}, "a": {"type": "string"}},
+                    "required": ["q", "a"]}
+EVAL_CRITERIA = [{"type": "string_check", "name": "exact", "operation": "eq",
+                  "input": "{{sample.output_text}}", "reference": "{{item.a}}"}]
+
+
+def _eval_create(ctx):
+    return [("/v1/evals", {"json": {"name": "b", "testing_criteria": EVAL_CRITERIA,
+                                    "data_source_config": {"type": "custom", "item_schema": EVAL_ITEM_SCHEMA,
+                                                           "include_sample_schema": True}}}, 200)]
+
+
+def eval_run_body(model: str, file_id: str | None = None) -> dict:
+    source = ({"type": "file_id", "id": file_id} if file_id else
+              {"type": "file_content", "content": [{"item": {"q": "hi", "a": " x"}}]})
+    return {"name": "r", "data_source": {"type": "completions", "model": model, "source": source,
+                                         "input_messages": {"type": "template", "template": [
+                                             {"role": "user", "content": "{{item.q}}"}]},
+                                         "sampling_params": {"max_completion_tokens": 2}}}
+
+
+def _run_create(ctx):
+    return [("/v1/evals/{eval_id}/runs", {"json": eval_run_body(ctx["base"])}, 404),
+            (f"/v1/evals/{ctx['b_eval']}/runs", {"json": eval_run_body("{adapter}")}, 404),
+            (f"/v1/evals/{ctx['b_eval']}/runs", {"json": eval_run_body(ctx["base"], "{file}")}, 404)]
+
+
 CASES = {
     ("POST", "/v1/files"): _files_upload,
     ("GET", "/v1/files"): _list("/v1/files", "file"),
@@ -155,6 +185,21 @@ CASES = {
     ("POST", "/v1/chat/completions"): _infer("/v1/chat/completions",
                                              {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}),
     ("POST", "/v1/classify"): _infer("/v1/classify", {"input": "hi", "labels": [" a", " b"]}),
+    ("POST", "/v1/evals"): _eval_create,
+    ("GET", "/v1/evals"): _list("/v1/evals", "eval"),
+    ("GET", "/v1/evals/{eval_id}"): _by_id("/v1/evals/{eval_id}"),
+    ("POST", "/v1/evals/{eval_id}"): lambda ctx: [("/v1/evals/{eval_id}", {"json": {"name": "renamed"}}, 404)],
+    ("DELETE", "/v1/evals/{eval_id}"): _by_id("/v1/evals/{eval_id}"),
+    ("POST", "/v1/evals/{eval_id}/runs"): _run_create,
+    ("GET", "/v1/evals/{eval_id}/runs"): _by_id("/v1/evals/{eval_id}/runs"),
+    ("GET", "/v1/evals/{eval_id}/runs/{run_id}"): _by_id("/v1/evals/{eval_id}/runs/{run_id}"),
+    ("POST", "/v1/evals/{eval_id}/runs/{run_id}"): _by_id("/v1/evals/{eval_id}/runs/{run_id}"),
+    ("DELETE", "/v1/evals/{eval_id}/runs/{run_id}"): _by_id("/v1/evals/{eval_id}/runs/{run_id}"),
+    ("POST", "/v1/evals/{eval_id}/runs/{run_id}/cancel"): _by_id("/v1/evals/{eval_id}/runs/{run_id}/cancel"),
+    ("GET", "/v1/evals/{eval_id}/runs/{run_id}/output_items"):
+        _by_id("/v1/evals/{eval_id}/runs/{run_id}/output_items"),
+    ("GET", "/v1/evals/{eval_id}/runs/{run_id}/output_items/{output_item_id}"):
+        _by_id("/v1/evals/{eval_id}/runs/{run_id}/output_items/{output_item_id}"),
 }
 
 # admin operations are called with A's ids and destructive bodies: if auth failed open, A's state changes
@@ -191,7 +236,8 @@ def snapshot(svc, a, ids) -> dict:
     out = {}
     for url in (f"/v1/files/{ids['file']}", "/v1/files", f"/v1/fine_tuning/jobs/{ids['job']}",
                 "/v1/fine_tuning/jobs", f"/v1/fine_tuning/jobs/{ids['job']}/events",
-                f"/v1/fine_tuning/jobs/{ids['job']}/checkpoints", f"/v1/models/{ids['adapter']}"):
+                f"/v1/fine_tuning/jobs/{ids['job']}/checkpoints", f"/v1/models/{ids['adapter']}",
+                f"/v1/evals/{ids['eval']}", f"/v1/evals/{ids['eval']}/runs/{ids['run']}"):
         r = c.get(url)
         assert r.status_code == 200, (url, r.text)
         out[url] = r.json()
@@ -229,11 +275,19 @@ def test_isolation_walk_every_route(svc, tiny_base_dirs):
     a_job = r.json()["id"]
     assert r.json()["status"] in ("validating_files", "queued")  # no worker: it never trains
     assert a.client.get(f"/v1/fine_tuning/jobs/{a_job}/events").json()["data"], "A's job has no events"
-    ids = {"file": a_file, "job": a_job, "adapter": a_adapter, "tenant": a.id, "key": a.key_id}
+    r = a.client.post("/v1/evals", json=_eval_create({})[0][1]["json"])
+    assert r.status_code == 200, r.text
+    a_eval = r.json()["id"]
+    r = a.client.post(f"/v1/evals/{a_eval}/runs", json=eval_run_body(a_adapter))
+    assert r.status_code == 200, r.text
+    ids = {"file": a_file, "job": a_job, "adapter": a_adapter, "tenant": a.id, "key": a.key_id,
+           "eval": a_eval, "run": r.json()["id"], "item": FAKE["item"]}
     fake = dict(FAKE)
     fake["adapter"] = a_adapter.replace(a.id, FAKE["tenant"]).rsplit(":", 1)[0] + ":import-0000000000000000"
     b_file = upload(b.client)
-    ctx = {"base": base, "b_file": b_file, "zip_b": peft_zip(tiny_base_dirs["gpt2"], 4, 2)}
+    r = b.client.post("/v1/evals", json=_eval_create({})[0][1]["json"])
+    assert r.status_code == 200, r.text
+    ctx = {"base": base, "b_file": b_file, "zip_b": peft_zip(tiny_base_dirs["gpt2"], 4, 2), "b_eval": r.json()["id"]}
 
     before = snapshot(svc, a, ids)
     bodies: list[str] = []  # every response body, to look for leaked keys
