@@ -241,7 +241,6 @@ def test_playground_streams_base_and_adapter_side_by_side(console, adapter):
     c, page = console, console.page
     c.go("#/models")
     page.locator("#model-list code", has_text=adapter).wait_for()
-    c.shot("models")
     # export to PEFT, and import that zip back as a new adapter
     with page.expect_download() as download:
         page.get_by_role("button", name=f"Export {adapter} as PEFT").click()
@@ -253,6 +252,7 @@ def test_playground_streams_base_and_adapter_side_by_side(console, adapter):
     form.get_by_role("button", name="Import").click()
     page.locator(".message.ok", has_text="Imported as ft:learnable:").wait_for()
     page.locator("#model-list code", has_text=":reimported:").wait_for()
+    c.shot("models")
     c.go("#/playground/" + adapter)
     form = page.locator("#playground-form")
     form.get_by_label("Prompt").fill(PROMPT)
@@ -345,6 +345,7 @@ def test_admin_view_tenants_keys_and_serving(console):
         page.locator("#tenant-info table").wait_for()
         assert page.locator("#tenant-info td", has_text="storage (bytes)").count() == 1
         keys = page.locator("#tenant-keys tbody tr")
+        keys.first.wait_for()  # the tenant's own key: the list has loaded before it is counted
         before = keys.count()
         page.get_by_role("button", name="Create a key").click()
         page.locator(".secret").wait_for()
