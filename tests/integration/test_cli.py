@@ -288,6 +288,10 @@ def test_ctrl_c_in_a_terminal_asks_and_cancels(env, train_file, tenant, adapter)
     t.expect(r"running\s+\S*\s*\d+/\d+ steps loss \d")
     t.send(b"\x03")
     t.expect(rf"Cancel job {job_id}\? \[y/N\]")
+    t.send(b"n\r")  # no: the bar comes back
+    t.expect(rf"(?s){job_id} goes on; watching again.*running\s+\S*\s*\d+/\d+ steps")
+    t.send(b"\x03")
+    t.expect(rf"(?s)watching again.*Cancel job {job_id}\? \[y/N\]")
     t.send(b"y\r")
     t.expect(rf"cancellation of {job_id} requested")
     assert t.wait(60) == 130
