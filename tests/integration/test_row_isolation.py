@@ -74,11 +74,14 @@ def test_a_tenants_bad_rows_fail_alone_and_b_keeps_every_token(svc, tiny_base_di
 
     alone, _ = b_texts(b.client, base)
     assert len(set(alone)) > 1 and all(alone)
+    # load A's adapters into the cache now, so that below their rows join B's batch at once
+    for model in (hostile, fine):
+        a.client.post("/v1/completions", json={"model": model, "prompt": "x", "max_tokens": 1, "temperature": 0})
 
     answers: dict[str, tuple[int, dict, float]] = {}
 
     def a_sends():
-        time.sleep(0.15)  # B's rows are decoding by now
+        time.sleep(0.1)  # B's rows are decoding by now
         for name, body in {
             # first: its answer time shows it shared the batch with B's rows, even on a loaded machine
             "nan_adapter": {"model": hostile, "prompt": "x", "max_tokens": 5, "temperature": 0},
