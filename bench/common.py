@@ -11,20 +11,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from recipes.common import data_root  # the one reader of PREFIXD_DATA_ROOT, shared with the recipes
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-class DataRootMissing(FileNotFoundError):
-    pass
-
-
-def data_root() -> Path:
-    """The public task data beside the repository: `PREFIXD_DATA_ROOT`, default `../shared/data`."""
-    root = Path(os.environ.get("PREFIXD_DATA_ROOT", REPO.parent / "shared" / "data"))
-    if not root.is_dir():
-        raise DataRootMissing(f"task data not found at {root}: set PREFIXD_DATA_ROOT to the folder that holds "
-                              "e2e/, sst2/, ... (see its README.md)")
-    return root
 
 
 def e2e_csv() -> Path:

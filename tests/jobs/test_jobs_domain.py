@@ -312,10 +312,9 @@ class _Killed(BaseException):
     """Stands in for a worker process dying: nothing below `run_job` catches it."""
 
 
-def test_dead_worker_job_resumes_from_checkpoint(env, monkeypatch):
-    # < 50 rows: no held-out split, so no final evaluation (kept short)
-    job = env.create({"model": "tiny", "training_file": env.add_file(rows=_dataset(40)), "method": {
-        "type": "prefix", "prefix": {"num_virtual_tokens": 4, "hyperparameters": {"n_epochs": 2, "batch_size": 8}}}})
+def _run_until_killed_at_second_checkpoint(env, job, monkeypatch) -> list[int]:
+    """Run the job in this process and kill it right after its second checkpoint is stored; the
+    steps it checkpointed."""
     original = runner.JobCallbacks.on_checkpoint
     seen = []
 
@@ -329,6 +328,14 @@ def test_dead_worker_job_resumes_from_checkpoint(env, monkeypatch):
     with pytest.raises(_Killed):
         runner.run_job(job.id, env.ctx)
     monkeypatch.setattr(runner.JobCallbacks, "on_checkpoint", original)
+    return seen
+
+
+def test_dead_worker_job_resumes_from_checkpoint(env, monkeypatch):
+    # < 50 rows: no held-out split, so no final evaluation (kept short)
+    job = env.create({"model": "tiny", "training_file": env.add_file(rows=_dataset(40)), "method": {
+        "type": "prefix", "prefix": {"num_virtual_tokens": 4, "hyperparameters": {"n_epochs": 2, "batch_size": 8}}}})
+    seen = _run_until_killed_at_second_checkpoint(env, job, monkeypatch)
     assert _job(env, job.id).status == "running"
     assert env.blobs.list(f"checkpoints/tenant-a/{job.id}/")  # the checkpoint survived in storage
     time.sleep(1.3)  # heartbeat goes stale (job_stale_after_s=1)
@@ -481,19 +488,7 @@ def test_dead_worker_base_job_resumes_from_checkpoint(env, monkeypatch):
     assert runner.run_job(reference.id, env.ctx) == "succeeded"
 
     job = env.create(body)
-    original = runner.JobCallbacks.on_checkpoint
-    seen = []
-
-    def dying(self, step, metrics):
-        original(self, step, metrics)
-        seen.append(step)
-        if len(seen) == 2:
-            raise _Killed()
-
-    monkeypatch.setattr(runner.JobCallbacks, "on_checkpoint", dying)
-    with pytest.raises(_Killed):
-        runner.run_job(job.id, env.ctx)
-    monkeypatch.setattr(runner.JobCallbacks, "on_checkpoint", original)
+    seen = _run_until_killed_at_second_checkpoint(env, job, monkeypatch)
     prefix = f"checkpoints/tenant-a/{job.id}/"
     assert _job(env, job.id).status == "running"
     assert {k[len(prefix):].split("/")[0] for k in env.blobs.list(prefix)} == {f"step-{s:08d}" for s in seen}
